@@ -1,0 +1,81 @@
+"""`mathtune`: train, evaluate and report on a GSM8K LoRA fine-tune from one command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from mathtune.config import DEFAULT_PRESET, ConfigError, load_config
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", nargs="?", help="a YAML config file (or use --preset)")
+    parser.add_argument("--preset", help=f"a preset in configs/ (default {DEFAULT_PRESET})")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override one config value, e.g. --set train.epochs=1 (repeatable)")
+    parser.add_argument("--data", help="GSM8K directory with train.jsonl and test.jsonl, or 'synthetic' "
+                        "(default: $MATHTUNE_DATA, else the Hub)")
+    parser.add_argument("--skip-invalid", action="store_true", help="drop invalid records instead of failing")
+    parser.add_argument("--name", help="run name (the run directory is OUTPUT_DIR/NAME)")
+    parser.add_argument("--output-dir", help="where run directories go (default runs/)")
+
+
+def config_from_args(args: argparse.Namespace):
+    if args.config and args.preset:
+        raise ConfigError("give either a config file or --preset, not both")
+    overrides = list(args.overrides)
+    if args.data == "synthetic":
+        overrides.append("data.source=synthetic")
+    elif args.data:
+        overrides.append(f"data.path={args.data}")
+    if args.name:
+        overrides.append(f"name={args.name}")
+    if args.output_dir:
+        overrides.append(f"output_dir={args.output_dir}")
+    if args.skip_invalid:
+        overrides.append("data.skip_invalid=true")
+    return load_config(args.config or args.preset, overrides)
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from mathtune.train import train
+
+    if args.resume:
+        config = load_config(Path(args.resume) / "config.yaml", args.overrides)
+        train(config, resume=True, merge=args.merge)
+    else:
+        train(config_from_args(args), overwrite=args.overwrite, merge=args.merge)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mathtune", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="fine-tune a LoRA adapter")
+    add_config_arguments(train)
+    train.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint")
+    train.add_argument("--overwrite", action="store_true", help="replace a run already in the run directory")
+    train.add_argument("--merge", action="store_true", help="also save the base model with the adapter merged")
+    train.set_defaults(func=cmd_train)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (ConfigError, ValueError, FileNotFoundError) as exc:
+        if isinstance(exc, ValueError) and not _is_ours(exc):
+            raise
+        print(f"mathtune: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\nmathtune: interrupted; what was written so far is kept (resume with --resume RUN_DIR)",
+              file=sys.stderr)
+        return 130
+    return 0
+
+
+def _is_ours(exc: Exception) -> bool:
+    return type(exc).__module__.startswith("mathtune")

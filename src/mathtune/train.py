@@ -1,0 +1,393 @@
+"""LoRA fine-tuning on GSM8K with TRL's SFTTrainer, writing everything the report needs into the run directory.
+
+What is ours: the data checks and split, the template, the run directory and its files, and a
+per-example validation pass (the Trainer's evaluation only returns a batch-averaged loss, and the
+report's outlier analysis needs each example's loss). Checkpointing, schedulers, early stopping,
+logging, progress bars and distributed launch are the Trainer's.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from mathtune import data as data_module
+from mathtune.config import Config
+from mathtune.models import load_model, load_tokenizer, resolve_dtype
+from mathtune.runfiles import append_jsonl, read_jsonl, write_json, write_text
+
+BEST_METRIC_DIRECTION = {"eval_loss": False, "eval_exact_match": True}
+
+
+class RunDirError(ValueError):
+    """The output directory holds another run; the message says how to proceed."""
+
+
+# --- the run directory --------------------------------------------------------------------------
+
+
+def prepare_run_dir(run_dir: Path, overwrite: bool = False, resume: bool = False) -> None:
+    """Refuse to mix two runs in one directory unless the user asks for it."""
+    holds_run = (run_dir / "config.yaml").exists()
+    if holds_run and not (overwrite or resume):
+        raise RunDirError(
+            f"{run_dir} already holds a run. Pass --resume to continue it, --overwrite to replace it, "
+            "or choose another --name / output_dir."
+        )
+    if holds_run and overwrite:
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+
+def environment_info(config: Config) -> dict:
+    import accelerate
+    import peft
+    import transformers
+    import trl
+
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent, timeout=5
+        ).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    return {
+        "python": sys.version.split()[0],
+        "packages": {
+            "torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
+            "trl": trl.__version__, "accelerate": accelerate.__version__,
+        },
+        "hardware": hardware_name(),
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+        "seed": config.train.seed,
+        "git_commit": commit,
+        "command": sys.argv,
+    }
+
+
+def hardware_name() -> str:
+    if torch.cuda.is_available():
+        return f"{torch.cuda.device_count()}x {torch.cuda.get_device_name(0)}"
+    return f"CPU ({os.cpu_count()} cores, {platform.processor() or platform.machine()})"
+
+
+# --- data ---------------------------------------------------------------------------------------
+
+
+def prepare_data(config: Config, run_dir: Path) -> tuple[list[dict], list[dict], data_module.Dataset]:
+    """Load, subset and split the training problems; record the ids of each side in data.json."""
+    dataset = data_module.load_dataset(config.data)
+    problems = data_module.seeded_subset(dataset.train, config.data.train_limit, config.data.seed)
+    train, validation = data_module.split_train_validation(
+        problems, config.data.validation_fraction, config.data.seed
+    )
+    write_json(run_dir / "data.json", {
+        "source": dataset.source,
+        "location": dataset.location,
+        "train_records": len(dataset.train),
+        "test_records": len(dataset.test),
+        "skipped_invalid": dataset.skipped,
+        "train_ids": [p["id"] for p in train],
+        "validation_ids": [p["id"] for p in validation],
+    })
+    return train, validation, dataset
+
+
+def tokenize(problems: list[dict], tokenizer, max_length: int) -> tuple[list[dict], list[str]]:
+    """Tokenized examples; those longer than max_length are dropped (never truncated: that would cut the answer)."""
+    examples, dropped = [], []
+    for index, problem in enumerate(problems):
+        example = data_module.tokenize_example(tokenizer, problem["question"], problem["answer"])
+        if len(example["input_ids"]) > max_length:
+            dropped.append(problem["id"])
+            continue
+        examples.append({**example, "index": index})
+    return examples, dropped
+
+
+# --- the trainer --------------------------------------------------------------------------------
+
+
+def make_trainer_class():
+    """SFTTrainer plus a per-example validation pass; built lazily so importing mathtune stays light."""
+    from trl import SFTTrainer
+
+    class MathTuneTrainer(SFTTrainer):
+        def __init__(self, *args, validation_examples, validation_ids, run_dir, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.validation_examples = validation_examples
+            self.validation_ids = validation_ids
+            self.run_dir = run_dir
+            self.loss_tokens_seen = 0
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if model.training:
+                self.loss_tokens_seen += int((inputs["labels"][:, 1:] != -100).sum())
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+        def log(self, logs, start_time=None):
+            if "loss" in logs:
+                seen = torch.tensor(self.loss_tokens_seen, device=self.accelerator.device)
+                logs["num_loss_tokens"] = int(self.accelerator.reduce(seen, reduction="sum"))
+            super().log(logs, start_time)
+
+        def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
+            """Token-weighted validation loss and accuracy, and each example's own, in one pass."""
+            was_training = self.model.training
+            self.model.eval()
+            rank, world = self.accelerator.process_index, self.accelerator.num_processes
+            mine = self.validation_examples[rank::world]
+            rows = []
+            batch_size = self.args.per_device_eval_batch_size
+            with torch.no_grad():
+                for start in range(0, len(mine), batch_size):
+                    rows.extend(self._example_stats(mine[start : start + batch_size]))
+            rows = self.accelerator.gather_for_metrics(rows, use_gather_object=True)
+            n_tokens = sum(r["n_tokens"] for r in rows)
+            metrics = {
+                f"{metric_key_prefix}_loss": sum(r["loss_sum"] for r in rows) / max(n_tokens, 1),
+                f"{metric_key_prefix}_mean_token_accuracy": sum(r["correct"] for r in rows) / max(n_tokens, 1),
+            }
+            if self.accelerator.is_main_process:
+                step = self.state.global_step
+                for r in sorted(rows, key=lambda r: r["index"]):
+                    append_jsonl(self.run_dir / "example_losses.jsonl", {
+                        "step": step, "id": self.validation_ids[r["index"]],
+                        "loss": r["loss_sum"] / r["n_tokens"], "token_accuracy": r["correct"] / r["n_tokens"],
+                        "n_tokens": r["n_tokens"],
+                    })
+            self.log(metrics)
+            self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+            if was_training:
+                self.model.train()
+            return metrics
+
+        def _example_stats(self, examples: list[dict]) -> list[dict]:
+            batch = self.data_collator([{"input_ids": e["input_ids"], "labels": e["labels"]} for e in examples])
+            batch = self._prepare_inputs(batch)
+            outputs = self.model(**batch, fused_lm_head=True)
+            # Per-token outputs are aligned with labels shifted by one; padding-free batches hold one
+            # flattened row, so each example's tokens are a contiguous stretch of it.
+            log_probs, hits, mask = outputs.log_probs[0], outputs.is_top1[0], outputs.label_mask[0]
+            rows, offset = [], 0
+            for example in examples:
+                length = len(example["input_ids"])
+                span = slice(offset, offset + length - 1)
+                n = int(mask[span].sum())
+                rows.append({
+                    "index": example["index"], "n_tokens": n,
+                    "loss_sum": float(-log_probs[span].sum()), "correct": int(hits[span].sum()),
+                })
+                offset += length
+            return rows
+
+    return MathTuneTrainer
+
+
+def make_callbacks(run_dir: Path, start_time: float):
+    from transformers import TrainerCallback
+
+    class MetricsFile(TrainerCallback):
+        """Appends each log record to metrics.jsonl, one writer only under data parallelism."""
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if not state.is_world_process_zero or not logs:
+                return
+            kind = "eval" if any(k.startswith("eval_") for k in logs) else "train" if "loss" in logs else None
+            if kind is None:
+                return  # the end-of-training summary; train_result.json holds it
+            record = {"kind": kind, "step": state.global_step, "epoch": state.epoch,
+                      "elapsed_s": round(time.time() - start_time, 3)}
+            record.update({k: v for k, v in logs.items() if k not in ("epoch", "step")})
+            append_jsonl(run_dir / "metrics.jsonl", record)
+
+    return [MetricsFile()]
+
+
+def sft_config(config: Config, run_dir: Path, dtype: torch.dtype):
+    from trl import SFTConfig
+
+    t = config.train
+    early_stopping = t.early_stopping_patience is not None
+    metric = t.early_stopping_metric
+    return SFTConfig(
+        output_dir=str(run_dir / "checkpoints"),
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps,
+        learning_rate=t.learning_rate,
+        per_device_train_batch_size=t.batch_size,
+        per_device_eval_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        lr_scheduler_type=t.lr_scheduler,
+        warmup_steps=t.warmup_ratio,  # a float below 1 is a ratio of the training steps
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        logging_steps=t.logging_steps,
+        logging_first_step=True,
+        eval_strategy="steps",
+        eval_steps=t.eval_steps,
+        save_strategy="steps",
+        save_steps=t.eval_steps,
+        save_total_limit=t.save_total_limit,
+        load_best_model_at_end=early_stopping,
+        metric_for_best_model=metric if early_stopping else None,
+        greater_is_better=BEST_METRIC_DIRECTION[metric] if early_stopping else None,
+        seed=t.seed,
+        data_seed=t.seed,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        # Our defaults, not TRL's: checkpointing recomputes activations (slow, and unneeded at these
+        # sizes), and padding-free batches spend no compute on padding.
+        gradient_checkpointing=t.gradient_checkpointing,
+        padding_free=True,
+        max_length=None,  # long examples are dropped in tokenize(), never truncated
+        completion_only_loss=True,
+        report_to="none",
+        dataloader_num_workers=0,
+        save_only_model=False,
+        remove_unused_columns=True,
+    )
+
+
+def lora_config(config: Config):
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=config.lora.r, lora_alpha=config.lora.alpha, lora_dropout=config.lora.dropout,
+        bias=config.lora.bias, target_modules=config.lora.target_modules, task_type="CAUSAL_LM",
+    )
+
+
+def trim_metrics_after(run_dir: Path, step: int) -> None:
+    """On resume, drop records logged after the checkpoint: the resumed run logs them again."""
+    for name in ("metrics.jsonl", "example_losses.jsonl"):
+        path = run_dir / name
+        if path.exists():
+            kept = [r for r in read_jsonl(path) if r["step"] <= step]
+            write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
+
+
+def last_checkpoint(run_dir: Path) -> Path | None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    folder = run_dir / "checkpoints"
+    found = get_last_checkpoint(str(folder)) if folder.exists() else None
+    return Path(found) if found else None
+
+
+def train(config: Config, overwrite: bool = False, resume: bool = False, merge: bool = False) -> dict:
+    """Train a LoRA adapter as the config says; returns train_result.json's content."""
+    from accelerate import PartialState
+    from datasets import Dataset as HFDataset
+
+    state = PartialState()
+    run_dir = config.run_dir
+    if state.is_main_process:
+        prepare_run_dir(run_dir, overwrite=overwrite, resume=resume)
+        import yaml
+
+        write_text(run_dir / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
+        write_json(run_dir / "environment.json", environment_info(config))
+    state.wait_for_everyone()
+
+    checkpoint = last_checkpoint(run_dir) if resume else None
+    if resume and checkpoint is None:
+        print(f"No checkpoint in {run_dir}/checkpoints yet: starting from the beginning.", flush=True)
+    if state.is_main_process:
+        trim_metrics_after(run_dir, int(checkpoint.name.split("-")[-1]) if checkpoint else 0)
+
+    train_problems, validation_problems, dataset = prepare_data(config, run_dir)
+    if state.is_main_process:
+        print(f"Data: {dataset.source} ({dataset.location}); {len(train_problems)} training and "
+              f"{len(validation_problems)} validation problems.", flush=True)
+    tokenizer = load_tokenizer(config.model.name, config.model.revision)
+    train_examples, dropped_train = tokenize(train_problems, tokenizer, config.data.max_length)
+    validation_examples, dropped_val = tokenize(validation_problems, tokenizer, config.data.max_length)
+    if not train_examples or not validation_examples:
+        raise data_module.DataError(
+            f"no example fits data.max_length={config.data.max_length} tokens on one side of the split; raise it"
+        )
+
+    dtype = resolve_dtype(config.model.dtype)
+    model = load_model(config.model.name, config.model.dtype, config.model.revision)
+    model.train()
+
+    from transformers import EarlyStoppingCallback
+
+    start = time.time()
+    callbacks = make_callbacks(run_dir, start)
+    if config.train.early_stopping_patience is not None:
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=config.train.early_stopping_patience))
+    trainer = make_trainer_class()(
+        model=model,
+        args=sft_config(config, run_dir, dtype),
+        train_dataset=HFDataset.from_list([{k: e[k] for k in ("input_ids", "labels")} for e in train_examples]),
+        eval_dataset=HFDataset.from_list([{k: e[k] for k in ("input_ids", "labels")} for e in validation_examples]),
+        processing_class=tokenizer,
+        peft_config=lora_config(config),
+        callbacks=callbacks,
+        validation_examples=validation_examples,
+        validation_ids=[validation_problems[e["index"]]["id"] for e in validation_examples],
+        run_dir=run_dir,
+    )
+    result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    elapsed = time.time() - start
+
+    steps_planned = trainer.state.max_steps
+    stopper = next((c for c in trainer.callback_handler.callbacks if isinstance(c, EarlyStoppingCallback)), None)
+    summary = {
+        "wall_clock_s": round(elapsed, 1),
+        "steps_done": trainer.state.global_step,
+        "total_steps_planned": steps_planned,
+        "steps_per_epoch": math.ceil(len(train_examples) / (config.train.batch_size * config.train.gradient_accumulation_steps * state.num_processes)),
+        "epochs_done": trainer.state.epoch,
+        "early_stopping_enabled": stopper is not None,
+        "early_stopping_triggered": bool(stopper and trainer.state.global_step < steps_planned),
+        "best_metric_name": config.train.early_stopping_metric if stopper else None,
+        "best_metric": trainer.state.best_metric,
+        "best_checkpoint": trainer.state.best_model_checkpoint,
+        "best_step": _step_of(trainer.state.best_model_checkpoint),
+        "kept": "best checkpoint" if stopper else "last step",
+        "train_tokens": trainer._total_train_tokens,
+        "train_loss_tokens": trainer.loss_tokens_seen * state.num_processes,
+        "tokens_per_s": round(trainer._total_train_tokens / elapsed, 2) if elapsed else None,
+        "train_runtime_s": result.metrics.get("train_runtime"),
+        "hardware": hardware_name(),
+        "num_processes": state.num_processes,
+        "dtype": str(dtype).removeprefix("torch."),
+        "dropped_too_long": dropped_train + dropped_val,
+        "resumed_from": str(checkpoint) if checkpoint else None,
+    }
+    if trainer.accelerator.is_main_process:
+        save_adapter(trainer, run_dir / "adapter")
+        if merge:
+            merged = trainer.model.merge_and_unload()
+            merged.save_pretrained(run_dir / "merged")
+            tokenizer.save_pretrained(run_dir / "merged")
+        write_json(run_dir / "train_result.json", summary)
+    state.wait_for_everyone()
+    return summary
+
+
+def save_adapter(trainer, target: Path) -> None:
+    """Save the adapter (the best one when early stopping kept it) under a temporary name, then rename."""
+    partial = target.with_name(target.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    trainer.model.save_pretrained(partial)
+    trainer.processing_class.save_pretrained(partial)
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(partial, target)
+
+
+def _step_of(checkpoint: str | None) -> int | None:
+    return int(checkpoint.rsplit("-", 1)[-1]) if checkpoint else None
