@@ -18,8 +18,10 @@ import torch
 from tqdm.auto import tqdm
 from transformers import DynamicCache
 
-from mathtune.analysis import accuracy
-from mathtune.answers import check_arithmetic, count_reasoning_steps, extract_answer, gold_answer, has_arithmetic_slip, is_correct
+from mathtune.analysis import NotComputable, accuracy, accuracy_by_steps, arithmetic_slip_share
+from mathtune.answers import (
+    check_arithmetic, count_reasoning_steps, extract_answer, gold_answer, has_arithmetic_slip, is_correct,
+)
 from mathtune.data import fewshot_prompt, format_prompt, seeded_subset
 from mathtune.runfiles import append_jsonl, read_json, read_jsonl, write_json
 from mathtune.train import hardware_name
@@ -144,8 +146,7 @@ def score_record(problem: dict, generation: str, generated_tokens: int) -> dict:
         "gold_steps": count_reasoning_steps(problem["answer"]),
         "generation": generation, "generated_tokens": generated_tokens,
         "pred_strict": strict, "pred_flexible": flexible,
-        "correct_strict": strict is not None and is_correct(strict, gold),
-        "correct_flexible": flexible is not None and is_correct(flexible, gold),
+        "correct_strict": is_correct(strict, gold), "correct_flexible": is_correct(flexible, gold),
         "arithmetic": checks, "arithmetic_slip": has_arithmetic_slip(checks),
     }
 
@@ -160,7 +161,7 @@ def _check_same_evaluation(out_dir: Path, meta: dict, problems: list[dict]) -> l
     if old_meta is None:
         raise EvalError(f"{predictions} has no meta.json beside it, so it cannot be resumed safely. {advice}")
     settings = ("model", "adapter", "shots", "fewshot_ids", "max_new_tokens")
-    differ = [f"{key}: {old_meta.get(key)!r} there, {meta[key]!r} now" for key in settings if old_meta.get(key) != meta[key]]
+    differ = [f"{k}: {old_meta.get(k)!r} there, {meta[k]!r} now" for k in settings if old_meta.get(k) != meta[k]]
     if differ:
         raise EvalError(f"{predictions} belongs to another evaluation ({'; '.join(differ)}). {advice}")
     records = read_jsonl(predictions, repair=True)
@@ -219,19 +220,21 @@ def evaluate_problems(
 
 
 def summarize(records: list[dict]) -> dict:
-    """Accuracy (strict, flexible, strict by gold reasoning steps) and the share of wrong answers with an arithmetic slip."""
-    wrong = [r for r in records if not r["correct_strict"]]
-    by_steps: dict[int, list[dict]] = {}
-    for record in records:
-        by_steps.setdefault(record["gold_steps"], []).append(record)
+    """The scores.json figures computed from predictions, with analysis's definitions."""
+    slips = _unless_not_computable(arithmetic_slip_share, records)
     return {
         "n": len(records),
-        "strict": _accuracy(records, "correct_strict"),
-        "flexible": _accuracy(records, "correct_flexible"),
-        "arithmetic_slip_share": sum(r["arithmetic_slip"] for r in wrong) / len(wrong) if wrong else None,
-        "accuracy_by_steps": {str(s): _accuracy(by_steps[s], "correct_strict") for s in sorted(by_steps)},
+        "strict": accuracy(sum(r["correct_strict"] for r in records), len(records)),
+        "flexible": accuracy(sum(r["correct_flexible"] for r in records), len(records)),
+        "arithmetic_slip_share": slips["value"] if slips else None,
+        "accuracy_by_steps": {
+            str(row.pop("steps")): row for row in _unless_not_computable(accuracy_by_steps, records) or []
+        },
     }
 
 
-def _accuracy(records: list[dict], key: str) -> dict:
-    return accuracy(sum(r[key] for r in records), len(records))
+def _unless_not_computable(function, records: list[dict]):
+    try:
+        return function(records)
+    except NotComputable:
+        return None

@@ -84,13 +84,17 @@ def hardware_name() -> str:
 # --- data ---------------------------------------------------------------------------------------
 
 
-def prepare_data(config: Config, run_dir: Path) -> tuple[list[dict], list[dict], data_module.Dataset]:
+def prepare_data(
+    config: Config, run_dir: Path, write: bool = True
+) -> tuple[list[dict], list[dict], data_module.Dataset]:
     """Load, subset and split the training problems; record the ids of each side in data.json."""
     dataset = data_module.load_dataset(config.data)
     problems = data_module.seeded_subset(dataset.train, config.data.train_limit, config.data.seed)
     train, validation = data_module.split_train_validation(
         problems, config.data.validation_fraction, config.data.seed
     )
+    if not write:  # under data parallelism every process splits alike; one writes
+        return train, validation, dataset
     write_json(run_dir / "data.json", {
         "source": dataset.source,
         "location": dataset.location,
@@ -120,6 +124,7 @@ def tokenize(problems: list[dict], tokenizer, max_length: int) -> tuple[list[dic
 
 def make_trainer_class():
     """SFTTrainer plus a per-example validation pass; built lazily so importing mathtune stays light."""
+    from accelerate.utils import gather_object
     from trl import SFTTrainer
 
     class MathTuneTrainer(SFTTrainer):
@@ -152,7 +157,8 @@ def make_trainer_class():
             with torch.no_grad():
                 for start in range(0, len(mine), batch_size):
                     rows.extend(self._example_stats(mine[start : start + batch_size]))
-            rows = self.accelerator.gather_for_metrics(rows, use_gather_object=True)
+            if world > 1:  # gather_object, not gather_for_metrics: the latter trims "duplicates" at epoch ends
+                rows = gather_object(rows)
             n_tokens = sum(r["n_tokens"] for r in rows)
             metrics = {
                 f"{metric_key_prefix}_loss": sum(r["loss_sum"] for r in rows) / max(n_tokens, 1),
@@ -253,6 +259,7 @@ def sft_config(config: Config, run_dir: Path, dtype: torch.dtype):
         max_length=None,  # long examples are dropped in tokenize(), never truncated
         completion_only_loss=True,
         report_to="none",
+        use_cpu=not torch.cuda.is_available(),  # also what makes a multi-process CPU launch use gloo
         dataloader_num_workers=0,
         save_only_model=False,
         remove_unused_columns=True,
@@ -290,7 +297,7 @@ def train(config: Config, overwrite: bool = False, resume: bool = False, merge: 
     from accelerate import PartialState
     from datasets import Dataset as HFDataset
 
-    state = PartialState()
+    state = PartialState(cpu=not torch.cuda.is_available())  # cpu: gloo data parallelism when launched on CPUs
     run_dir = config.run_dir
     if state.is_main_process:
         prepare_run_dir(run_dir, overwrite=overwrite, resume=resume)
@@ -306,7 +313,7 @@ def train(config: Config, overwrite: bool = False, resume: bool = False, merge: 
     if state.is_main_process:
         trim_metrics_after(run_dir, int(checkpoint.name.split("-")[-1]) if checkpoint else 0)
 
-    train_problems, validation_problems, dataset = prepare_data(config, run_dir)
+    train_problems, validation_problems, dataset = prepare_data(config, run_dir, write=state.is_main_process)
     if state.is_main_process:
         print(f"Data: {dataset.source} ({dataset.location}); {len(train_problems)} training and "
               f"{len(validation_problems)} validation problems.", flush=True)

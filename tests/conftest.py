@@ -1,0 +1,32 @@
+"""Shared fixtures: the real GSM8K files beside the checkout, and small GSM8K-format directories."""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+GSM8K_DIR = Path(os.environ.get("MATHTUNE_DATA") or Path(__file__).resolve().parents[1].parent / "shared/data/gsm8k")
+
+
+@pytest.fixture(scope="session")
+def gsm8k_dir() -> Path:
+    if not (GSM8K_DIR / "train.jsonl").exists():
+        pytest.fail(f"GSM8K not found at {GSM8K_DIR}: set MATHTUNE_DATA to a directory with train.jsonl and test.jsonl")
+    return GSM8K_DIR
+
+
+def write_jsonl(path: Path, records: list) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records))
+    return path
+
+
+@pytest.fixture
+def small_gsm8k(tmp_path: Path, gsm8k_dir: Path) -> Path:
+    """The first 40 train and 10 test problems of GSM8K in a directory of their own."""
+    directory = tmp_path / "gsm8k-small"
+    directory.mkdir()
+    for split, n in (("train", 40), ("test", 10)):
+        lines = (gsm8k_dir / f"{split}.jsonl").read_text().splitlines()[:n]
+        (directory / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
+    return directory

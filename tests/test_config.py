@@ -1,0 +1,62 @@
+import pytest
+
+from mathtune.config import ConfigError, load_config
+
+
+def test_reference_preset_matches_the_reference_run():
+    config = load_config("gemma-2b-gsm8k")
+    assert config.model.name == "google/gemma-2b"
+    assert (config.lora.r, config.lora.alpha, config.lora.dropout, config.lora.bias) == (8, 16, 0.1, "none")
+    assert (config.train.epochs, config.train.learning_rate) == (3, 2e-4)
+    assert config.train.gradient_accumulation_steps == 1
+    assert config.train.early_stopping_patience == 5
+    assert config.train.early_stopping_metric == "eval_loss"
+    assert config.data.validation_fraction == 0.1
+    assert config.data.hub_id == "openai/gsm8k" and config.data.hub_config == "main"
+
+
+def test_every_preset_loads():
+    for name in ("cpu-demo", "gemma-2b-gsm8k", "tiny"):
+        load_config(name)
+
+
+def test_overrides_are_typed_and_applied():
+    config = load_config("tiny", ["train.epochs=2", "lora.target_modules=[q_proj]", "train.learning_rate=1e-3"])
+    assert config.train.epochs == 2.0
+    assert config.lora.target_modules == ["q_proj"]
+    assert config.train.learning_rate == pytest.approx(1e-3)
+
+
+def test_unknown_key_names_the_key_and_the_closest_valid_one():
+    with pytest.raises(ConfigError, match=r"unknown key 'train.learnig_rate'.*did you mean 'learning_rate'"):
+        load_config("tiny", ["train.learnig_rate=0.1"])
+
+
+def test_unknown_section_is_an_error():
+    with pytest.raises(ConfigError, match=r"unknown key 'trian'.*'train'"):
+        load_config("tiny", ["trian.epochs=1"])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.learning_rate=-0.1", "train.learning_rate must be a positive number"),
+    ("lora.r=0", "lora.r must be a positive number"),
+    ("lora.dropout=1.0", r"lora.dropout must be in \[0, 1\)"),
+    ("data.validation_fraction=0", r"data.validation_fraction must be in \(0, 1\)"),
+    ("train.batch_size=two", "train.batch_size must be of type int"),
+    ("model.dtype=float33", "did you mean .float32."),
+])
+def test_impossible_values_are_refused_with_the_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config("tiny", [override])
+
+
+def test_unknown_preset_suggests_the_closest(tmp_path):
+    with pytest.raises(ConfigError, match="did you mean 'cpu-demo'"):
+        load_config("cpu-dem")
+
+
+def test_config_file_errors_name_the_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("lora:\n  alpah: 8\n")
+    with pytest.raises(ConfigError, match=rf"{path}.*unknown key 'lora.alpah'.*did you mean 'alpha'"):
+        load_config(str(path))

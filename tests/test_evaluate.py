@@ -1,0 +1,141 @@
+"""Batched generation against `generate`, the stop rules, and predictions/scores files with resume."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from transformers import DynamicCache
+
+from mathtune.evaluate import (
+    EvalError, choose_fewshot_examples, cut_generation, evaluate_problems, finished, generate_answers,
+)
+from mathtune.models import load_model, load_tokenizer
+
+PROBLEMS = [
+    {"id": f"test-{i}", "question": question, "answer": answer}
+    for i, (question, answer) in enumerate([
+        ("Tom has 3 apples and buys 4 more. How many apples does he have?", "3 + 4 = <<3+4=7>>7\n#### 7"),
+        ("A box holds 12 eggs. How many eggs are in 5 boxes?", "12 * 5 = <<12*5=60>>60\n#### 60"),
+        ("Sara reads 10 pages a day for 6 days, then 4 more pages. How many pages?",
+         "10 * 6 = <<10*6=60>>60\n60 + 4 = <<60+4=64>>64\n#### 64"),
+        ("A shirt costs $20 and is 25% off. What does it cost?",
+         "20 * 0.25 = <<20*0.25=5>>5\n20 - 5 = <<20-5=15>>15\n#### 15"),
+        ("Ann had 50 stickers and gave away 18. How many are left?", "50 - 18 = <<50-18=32>>32\n#### 32"),
+        ("Six friends share 42 sweets equally. How many does each get?", "42 / 6 = <<42/6=7>>7\n#### 7"),
+    ])
+]
+TRAIN = [{"id": f"train-{i}", "question": p["question"], "answer": p["answer"]} for i, p in enumerate(PROBLEMS)]
+RECORD_FIELDS = {
+    "id", "question", "gold", "gold_steps", "generation", "generated_tokens", "pred_strict", "pred_flexible",
+    "correct_strict", "correct_flexible", "arithmetic", "arithmetic_slip",
+}
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return load_model("tiny-random", dtype="float32"), load_tokenizer("tiny-random")
+
+
+def run_eval(tiny, out_dir, problems, label="tiny-random"):
+    model, tokenizer = tiny
+    return evaluate_problems(
+        model, tokenizer, problems, out_dir, fewshot_examples=None, model_label=label,
+        max_new_tokens=12, batch_size=4, progress=False,
+    )
+
+
+@pytest.mark.parametrize("text, done, cut", [
+    ("She has 6 + 36 = 42.\n#### 42\n", True, "She has 6 + 36 = 42.\n#### 42\n"),
+    ("She has 42.\n#### 4", False, "She has 42.\n#### 4"),
+    ("#### 42", False, "#### 42"),
+    ("So 42.\n#### -1,200.5\nQ", True, "So 42.\n#### -1,200.5\nQ"),
+    ("So 42.\n\nQuestion: Tom has", True, "So 42."),
+    ("So 42.\nQuestion:", True, "So 42."),
+    ("So 42.\n\nQuestion", False, "So 42.\n\nQuestion"),
+    ("The Question: is 2\n", False, "The Question: is 2\n"),
+])
+def test_stop_rules(text, done, cut):
+    assert finished(text) is done
+    assert cut_generation(text) == cut
+
+
+def test_batched_generation_equals_one_at_a_time_generate(tiny, monkeypatch):
+    model, tokenizer = tiny
+    # Stop on EOS and on two characters the random model emits, so rows end at different steps.
+    stop_ids = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("r"), tokenizer.convert_tokens_to_ids("8")]
+    monkeypatch.setattr(model.generation_config, "eos_token_id", stop_ids)
+    dropped = []
+    select = DynamicCache.batch_select_indices
+    monkeypatch.setattr(DynamicCache, "batch_select_indices", lambda self, i: (dropped.append(len(i)), select(self, i)))
+    prompts = [
+        "Question: What is 2+2?\nAnswer:", "Question: A farmer has 17 cows and buys 5 more. How many?\nAnswer:",
+        "Question: x\nAnswer:", "Q", "Question: Ann had 50 stickers and gave away 18.\nAnswer:",
+    ]
+    max_new = 30
+    batched = generate_answers(model, tokenizer, prompts, max_new, batch_size=3, progress=False)
+    ours = {i: (text, n) for i, text, n in batched}
+
+    def text(ids):
+        return tokenizer.decode(ids, skip_special_tokens=True)
+
+    for i, prompt in enumerate(prompts):
+        inputs = tokenizer(prompt, return_tensors="pt")
+        new = model.generate(**inputs, max_new_tokens=max_new, do_sample=False)[0, inputs["input_ids"].shape[1]:]
+        stop = next(k for k in range(1, len(new) + 1) if k == len(new) or finished(text(new[:k])))  # EOS ends new
+        assert ours[i] == (cut_generation(text(new[:stop])), stop), prompt
+    lengths = [n for _, n in ours.values()]
+    assert min(lengths) < max_new and len(set(lengths)) > 2  # rows really stopped at different steps
+    assert dropped  # and finished rows left the batch
+
+
+def test_evaluate_writes_predictions_and_scores(tiny, tmp_path):
+    model, tokenizer = tiny
+    examples = choose_fewshot_examples(TRAIN, k=2, seed=0)
+    assert examples == choose_fewshot_examples(TRAIN, k=2, seed=0) and len(examples) == 2
+    scores = evaluate_problems(
+        model, tokenizer, PROBLEMS, tmp_path, fewshot_examples=examples, model_label="tiny-random",
+        max_new_tokens=12, batch_size=4, progress=False,
+    )
+    records = [json.loads(line) for line in (tmp_path / "predictions.jsonl").read_text().splitlines()]
+    assert sorted(r["id"] for r in records) == sorted(p["id"] for p in PROBLEMS)
+    assert all(set(r) == RECORD_FIELDS for r in records)
+    assert {r["id"]: (r["gold"], r["gold_steps"]) for r in records}["test-2"] == ("64", 2)
+    assert all(1 <= r["generated_tokens"] <= 12 for r in records)
+
+    assert json.loads((tmp_path / "scores.json").read_text()) == scores
+    assert scores["n"] == 6 and scores["shots"] == 2 and scores["model"] == "tiny-random"
+    assert set(scores["strict"]) == {"correct", "total", "value", "ci95"} and scores["strict"]["total"] == 6
+    assert set(scores["accuracy_by_steps"]) == {"1", "2"} and scores["accuracy_by_steps"]["2"]["total"] == 2
+    assert scores["problems_per_s"] > 0 and scores["generated_tokens_per_s"] > 0
+    meta = json.loads((tmp_path / "meta.json").read_text())
+    assert meta["ids"] == [p["id"] for p in PROBLEMS] and meta["ids_sha256"] == scores["ids_sha256"]
+    assert meta["fewshot_ids"] == [ex["id"] for ex in examples]
+
+
+def test_resume_skips_done_problems_and_drops_a_torn_line(tiny, tmp_path, capsys):
+    run_eval(tiny, tmp_path, PROBLEMS[:3])
+    predictions = tmp_path / "predictions.jsonl"
+    with predictions.open("a") as handle:  # a crash halfway through writing the fourth record
+        handle.write(json.dumps({"id": "test-3", "question": PROBLEMS[3]["question"], "generation": "abc"})[:40])
+
+    scores = run_eval(tiny, tmp_path, PROBLEMS)
+    assert "torn last line" in capsys.readouterr().err
+    assert scores["generated_problems"] == 3 and scores["n"] == 6
+    ids = [json.loads(line)["id"] for line in predictions.read_text().splitlines()]
+    assert sorted(ids) == sorted(p["id"] for p in PROBLEMS)  # each once, the torn one regenerated
+
+    assert run_eval(tiny, tmp_path, PROBLEMS)["generated_problems"] == 0
+
+
+@pytest.mark.parametrize("label, problems, message", [
+    ("another-model", PROBLEMS, "another evaluation"),
+    ("tiny-random", [{**p, "question": p["question"] + " Explain."} for p in PROBLEMS], "not in this problem set"),
+])
+def test_predictions_of_another_evaluation_are_refused_untouched(tiny, tmp_path, label, problems, message):
+    run_eval(tiny, tmp_path, PROBLEMS[:2])
+    before = (tmp_path / "predictions.jsonl").read_bytes(), (tmp_path / "meta.json").read_bytes()
+    with pytest.raises(EvalError, match=message) as error:
+        run_eval(tiny, tmp_path, problems, label=label)
+    assert "predictions.jsonl" in str(error.value) and "another output directory" in str(error.value)
+    assert ((tmp_path / "predictions.jsonl").read_bytes(), (tmp_path / "meta.json").read_bytes()) == before

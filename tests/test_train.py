@@ -1,0 +1,126 @@
+"""Training mechanics on the tiny random model, one real run on the packaged Gemma 3 270M, and 2-process DDP."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mathtune.config import load_config
+from mathtune.runfiles import read_jsonl
+from mathtune.train import RunDirError, train
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_config(tmp_path, data_dir, *overrides):
+    return load_config("tiny", [f"output_dir={tmp_path}", f"data.path={data_dir}", *overrides])
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, gsm8k_dir):
+    config = tiny_config(tmp_path_factory.mktemp("runs"), gsm8k_dir)
+    result = train(config)
+    return config.run_dir, result
+
+
+def test_run_directory_holds_every_documented_file(tiny_run):
+    run_dir, result = tiny_run
+    for name in ("config.yaml", "environment.json", "data.json", "metrics.jsonl", "example_losses.jsonl",
+                 "train_result.json", "adapter/adapter_config.json", "adapter/adapter_model.safetensors"):
+        assert (run_dir / name).exists(), name
+    environment = json.loads((run_dir / "environment.json").read_text())
+    assert {"torch", "transformers", "peft", "trl"} <= environment["packages"].keys()
+    assert environment["seed"] == 42
+
+
+def test_data_json_records_the_split_ids(tiny_run):
+    run_dir, _ = tiny_run
+    split = json.loads((run_dir / "data.json").read_text())
+    assert split["source"] == "gsm8k-local"
+    assert len(split["train_ids"]) == 32 and len(split["validation_ids"]) == 8
+    assert not set(split["train_ids"]) & set(split["validation_ids"])
+
+
+def test_metrics_have_train_and_eval_records_with_the_documented_fields(tiny_run):
+    run_dir, result = tiny_run
+    metrics = read_jsonl(run_dir / "metrics.jsonl")
+    train_records = [m for m in metrics if m["kind"] == "train"]
+    eval_records = [m for m in metrics if m["kind"] == "eval"]
+    assert [m["step"] for m in eval_records] == [4, 8]
+    for record in train_records:
+        assert {"loss", "learning_rate", "grad_norm", "mean_token_accuracy", "num_tokens", "num_loss_tokens",
+                "elapsed_s", "epoch"} <= record.keys()
+    for record in eval_records:
+        assert {"eval_loss", "eval_mean_token_accuracy", "elapsed_s"} <= record.keys()
+    assert eval_records[-1]["eval_loss"] < eval_records[0]["eval_loss"]
+
+
+def test_example_losses_pool_to_the_logged_validation_loss(tiny_run):
+    run_dir, _ = tiny_run
+    rows = read_jsonl(run_dir / "example_losses.jsonl")
+    validation_ids = json.loads((run_dir / "data.json").read_text())["validation_ids"]
+    expected = set(validation_ids) - set(json.loads((run_dir / "train_result.json").read_text())["dropped_too_long"])
+    evals = [m for m in read_jsonl(run_dir / "metrics.jsonl") if m["kind"] == "eval"]
+    for record in evals:
+        at_step = [r for r in rows if r["step"] == record["step"]]
+        assert {r["id"] for r in at_step} == expected
+        pooled = sum(r["loss"] * r["n_tokens"] for r in at_step) / sum(r["n_tokens"] for r in at_step)
+        assert pooled == pytest.approx(record["eval_loss"], rel=1e-6)
+
+
+def test_adapter_loads_with_peft(tiny_run):
+    from peft import PeftModel
+    from mathtune.models import load_model
+
+    run_dir, _ = tiny_run
+    model = PeftModel.from_pretrained(load_model("tiny-random", "float32"), str(run_dir / "adapter"))
+    assert any("lora_A" in name for name, _ in model.named_parameters())
+
+
+def test_a_directory_holding_another_run_is_refused(tiny_run, gsm8k_dir):
+    run_dir, _ = tiny_run
+    config = tiny_config(run_dir.parent, gsm8k_dir)
+    before = (run_dir / "metrics.jsonl").read_text()
+    with pytest.raises(RunDirError, match="--resume.*--overwrite"):
+        train(config)
+    assert (run_dir / "metrics.jsonl").read_text() == before
+
+
+@pytest.mark.slow
+def test_packaged_gemma_learns_in_a_few_steps(tmp_path, small_gsm8k):
+    """The real model: validation loss goes down after a few LoRA steps on a handful of GSM8K problems."""
+    config = load_config("cpu-demo", [
+        f"output_dir={tmp_path}", f"data.path={small_gsm8k}", "data.train_limit=24", "data.validation_fraction=0.25",
+        "train.max_steps=4", "train.eval_steps=2", "train.logging_steps=1", "train.batch_size=4",
+        "train.learning_rate=5e-4",
+    ])
+    train(config)
+    evals = [m for m in read_jsonl(config.run_dir / "metrics.jsonl") if m["kind"] == "eval"]
+    assert len(evals) == 2
+    assert evals[-1]["eval_loss"] < evals[0]["eval_loss"]
+
+
+def test_two_process_data_parallel_run_writes_one_consistent_run_directory(tmp_path, gsm8k_dir):
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "-m", "mathtune", "train", "--preset", "tiny", "--output-dir", str(tmp_path), "--name", "ddp",
+               "--data", str(gsm8k_dir)]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    run_dir = tmp_path / "ddp"
+    result = json.loads((run_dir / "train_result.json").read_text())
+    assert result["num_processes"] == 2
+    metrics = read_jsonl(run_dir / "metrics.jsonl")
+    keys = [(m["kind"], m["step"]) for m in metrics]
+    assert len(keys) == len(set(keys)), "a log line was written twice"
+    # 32 examples, batch 4 per process, 2 processes: 4 steps, one evaluation at step 4.
+    assert result["steps_done"] == 4
+    assert [m["step"] for m in metrics if m["kind"] == "eval"] == [4]
+    validation_ids = json.loads((run_dir / "data.json").read_text())["validation_ids"]
+    dropped = set(result["dropped_too_long"])
+    assert sorted(r["id"] for r in read_jsonl(run_dir / "example_losses.jsonl")) == sorted(
+        set(validation_ids) - dropped)
