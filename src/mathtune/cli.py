@@ -48,6 +48,51 @@ def cmd_train(args: argparse.Namespace) -> None:
         train(config_from_args(args), overwrite=args.overwrite, merge=args.merge)
 
 
+def cmd_eval(args: argparse.Namespace) -> None:
+    from mathtune import data as data_module
+    from mathtune.pipeline import announce_data, resolve_eval_target, run_evaluation
+
+    config = config_from_args(args)
+    base, adapter, default_out = resolve_eval_target(args.model, config)
+    if args.split:
+        config.eval.split = args.split
+    if args.limit is not None:
+        config.eval.limit = args.limit
+    if args.max_new_tokens is not None:
+        config.eval.max_new_tokens = args.max_new_tokens
+    config.eval.check()
+    shots = 0 if adapter else (config.eval.shots if args.shots is None else args.shots)
+    dataset = data_module.load_dataset(config.data)
+    announce_data(dataset)
+    out = Path(args.out) if args.out else default_out
+    if args.split == "validation" and adapter is None:
+        out = out.with_name(out.name + "-validation")
+    run_evaluation(config, dataset, out, base, adapter, shots)
+    print(f"Predictions and scores: {out}/predictions.jsonl, {out}/scores.json")
+
+
+def cmd_run(args: argparse.Namespace) -> None:
+    from mathtune.pipeline import run
+
+    run(config_from_args(args), overwrite=args.overwrite)
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from mathtune.report import write_report
+
+    run_dir = Path(args.run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"{run_dir} is not a run directory")
+    write_report(run_dir)
+    print(f"Report: {run_dir / 'report.html'} (also report.md, summary.json)")
+
+
+def cmd_compare(args: argparse.Namespace) -> None:
+    from mathtune.report import compare_runs
+
+    print(compare_runs([Path(d) for d in args.run_dirs]))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mathtune", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -58,6 +103,30 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--overwrite", action="store_true", help="replace a run already in the run directory")
     train.add_argument("--merge", action="store_true", help="also save the base model with the adapter merged")
     train.set_defaults(func=cmd_train)
+
+    evaluate = commands.add_parser("eval", help="exact-match accuracy on GSM8K problems")
+    add_config_arguments(evaluate)
+    evaluate.add_argument("--model", required=True,
+                          help="a run directory, an adapter directory, a Hub id, a local path, or gemma-3-270m")
+    evaluate.add_argument("--split", choices=["test", "validation"], help="default: test")
+    evaluate.add_argument("--limit", type=int, help="a fixed, seeded subset of N problems (same for every model)")
+    evaluate.add_argument("--shots", type=int, help="worked examples for a base model (a tuned model gets none)")
+    evaluate.add_argument("--max-new-tokens", type=int)
+    evaluate.add_argument("--out", help="output directory (default: RUN_DIR/eval/tuned, or runs/eval-MODEL)")
+    evaluate.set_defaults(func=cmd_eval)
+
+    run = commands.add_parser("run", help="evaluate the base model, train, evaluate the tuned model, report")
+    add_config_arguments(run)
+    run.add_argument("--overwrite", action="store_true", help="replace a run already in the run directory")
+    run.set_defaults(func=cmd_run)
+
+    report = commands.add_parser("report", help="(re)write the report of a run directory")
+    report.add_argument("run_dir")
+    report.set_defaults(func=cmd_report)
+
+    compare = commands.add_parser("compare", help="several runs' summaries side by side")
+    compare.add_argument("run_dirs", nargs="+")
+    compare.set_defaults(func=cmd_compare)
     return parser
 
 

@@ -308,8 +308,8 @@ def train(config: Config, overwrite: bool = False, resume: bool = False, merge: 
     state.wait_for_everyone()
 
     checkpoint = last_checkpoint(run_dir) if resume else None
-    if resume and checkpoint is None:
-        print(f"No checkpoint in {run_dir}/checkpoints yet: starting from the beginning.", flush=True)
+    if resume and checkpoint is None and (run_dir / "metrics.jsonl").exists():
+        print(f"No checkpoint in {run_dir}/checkpoints yet: training starts from the beginning.", flush=True)
     if state.is_main_process:
         trim_metrics_after(run_dir, int(checkpoint.name.split("-")[-1]) if checkpoint else 0)
 
