@@ -113,6 +113,8 @@ def resolve_model_path(name: str) -> str:
         return str(tiny_random_dir())
     if Path(name).exists() or name.startswith((".", "/", "~")):
         path = Path(name).expanduser()
+        if not path.exists():
+            raise ModelError(f"model path {path} does not exist; give a local model directory or a Hub id")
         if not (path / "config.json").exists():
             raise ModelError(f"model path {path} has no config.json: expected a Hugging Face model directory")
         return str(path)

@@ -74,14 +74,14 @@ def resolve_eval_target(model: str, config: Config) -> tuple[str, Path | None, P
 def run(config: Config, overwrite: bool = False) -> dict:
     """Base evaluation, training, tuned evaluation and the report, in one run directory."""
     from mathtune.report import write_report
-    from mathtune.train import prepare_run_dir, train
+    from mathtune.train import RunDirError, prepare_run_dir, train
 
     run_dir = config.run_dir
     existing = (run_dir / "config.yaml").exists()
     if existing and not overwrite:
         saved = load_config(run_dir / "config.yaml")
         if saved.to_dict() != config.to_dict():
-            raise ValueError(
+            raise RunDirError(
                 f"{run_dir} holds a run with another configuration. Run `mathtune run {run_dir}/config.yaml` "
                 "to continue it, pass --overwrite to replace it, or choose another --name."
             )

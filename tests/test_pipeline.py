@@ -1,0 +1,78 @@
+"""`mathtune run`, `eval`, `report` and `compare` end to end on the tiny model."""
+
+import json
+
+import pytest
+
+from mathtune.cli import main
+from mathtune.runfiles import read_jsonl
+
+
+@pytest.fixture(scope="module")
+def tiny_run_dir(tmp_path_factory, gsm8k_dir):
+    out = tmp_path_factory.mktemp("runs")
+    assert main(["run", "--preset", "tiny", "--output-dir", str(out), "--data", str(gsm8k_dir)]) == 0
+    return out / "tiny"
+
+
+def test_run_writes_base_and_tuned_evaluations_on_the_same_problems(tiny_run_dir):
+    base = read_jsonl(tiny_run_dir / "eval/base/predictions.jsonl")
+    tuned = read_jsonl(tiny_run_dir / "eval/tuned/predictions.jsonl")
+    assert sorted(r["id"] for r in base) == sorted(r["id"] for r in tuned)
+    assert len(base) == 6
+    base_scores = json.loads((tiny_run_dir / "eval/base/scores.json").read_text())
+    tuned_scores = json.loads((tiny_run_dir / "eval/tuned/scores.json").read_text())
+    assert (base_scores["shots"], tuned_scores["shots"]) == (1, 0)
+    assert base_scores["ids_sha256"] == tuned_scores["ids_sha256"]
+
+
+def test_run_writes_the_report_with_the_required_summary_keys(tiny_run_dir):
+    summary = json.loads((tiny_run_dir / "summary.json").read_text())
+    assert summary["accuracy"]["base"]["total"] == 6 and summary["accuracy"]["tuned"]["total"] == 6
+    assert summary["val_loss"]["first"] is not None and summary["cost"]["hours"] > 0
+    html = (tiny_run_dir / "report.html").read_text()
+    assert "<script" not in html.lower() and "data:image/png;base64," in html
+    for plot in ("loss", "token_accuracy", "learning_rate", "example_losses", "accuracy"):
+        assert (tiny_run_dir / "plots" / f"{plot}.png").exists(), plot
+
+
+def test_running_again_continues_without_redoing_finished_stages(tiny_run_dir, gsm8k_dir, capsys):
+    before = (tiny_run_dir / "metrics.jsonl").read_text()
+    assert main(["run", "--preset", "tiny", "--output-dir", str(tiny_run_dir.parent), "--data", str(gsm8k_dir)]) == 0
+    assert "Continuing the run" in capsys.readouterr().out
+    assert (tiny_run_dir / "metrics.jsonl").read_text() == before
+
+
+def test_a_run_with_another_config_is_refused_in_the_same_directory(tiny_run_dir, gsm8k_dir, capsys):
+    code = main(["run", "--preset", "tiny", "--output-dir", str(tiny_run_dir.parent), "--data", str(gsm8k_dir),
+                 "--set", "train.learning_rate=0.5"])
+    assert code == 2
+    assert "another configuration" in capsys.readouterr().err
+
+
+def test_eval_of_a_run_directory_uses_its_adapter_zero_shot(tiny_run_dir, gsm8k_dir, tmp_path):
+    out = tmp_path / "eval"
+    assert main(["eval", "--preset", "tiny", "--model", str(tiny_run_dir), "--data", str(gsm8k_dir),
+                 "--limit", "3", "--out", str(out)]) == 0
+    scores = json.loads((out / "scores.json").read_text())
+    assert scores["adapter"].endswith("adapter") and scores["shots"] == 0 and scores["n"] == 3
+
+
+def test_report_rerenders_from_the_run_directory_alone(tiny_run_dir):
+    (tiny_run_dir / "report.html").unlink()
+    assert main(["report", str(tiny_run_dir)]) == 0
+    assert (tiny_run_dir / "report.html").exists()
+
+
+def test_compare_puts_runs_side_by_side(tiny_run_dir, capsys):
+    assert main(["compare", str(tiny_run_dir), str(tiny_run_dir)]) == 0
+    table = capsys.readouterr().out.strip().splitlines()
+    assert table[0].startswith("| run | model |") and len(table) == 4
+    assert "tiny-random" in table[2]
+
+
+def test_a_missing_model_path_is_a_clear_error(tmp_path, gsm8k_dir, capsys):
+    code = main(["eval", "--preset", "tiny", "--model", str(tmp_path / "nowhere"), "--data", str(gsm8k_dir),
+                 "--limit", "2", "--out", str(tmp_path / "out")])
+    assert code == 2
+    assert f"model path {tmp_path / 'nowhere'} does not exist" in capsys.readouterr().err
