@@ -30,3 +30,22 @@ def small_gsm8k(tmp_path: Path, gsm8k_dir: Path) -> Path:
         lines = (gsm8k_dir / f"{split}.jsonl").read_text().splitlines()[:n]
         (directory / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
     return directory
+
+
+# The summary.json keys the report promises (the analysis-report issue's list).
+REQUIRED_SUMMARY_KEYS = [
+    "train_loss.first", "train_loss.last", "train_loss.decrease_pct", "val_loss.first", "val_loss.best",
+    "val_loss.last", "val_loss.decrease_pct", "val_loss.decrease_pct_last", "final_phase.loss_decrease_pct",
+    "final_phase.still_improving", "token_accuracy.train.first", "token_accuracy.train.last",
+    "token_accuracy.val.first", "token_accuracy.val.last", "early_stopping.triggered", "outliers",
+    "accuracy.base", "accuracy.tuned", "accuracy.mcnemar_p", "cost.hours", "cost.usd", "recommendations",
+    "definitions", "missing",
+]
+
+
+def summary_lookup(summary: dict, dotted: str):
+    node = summary
+    for part in dotted.split("."):
+        assert part in node, f"summary lacks {dotted}"
+        node = node[part]
+    return node

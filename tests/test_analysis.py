@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from scipy import optimize, stats
 
+from conftest import REQUIRED_SUMMARY_KEYS, summary_lookup
 from mathtune import analysis as A
 
 # --- Wilson -------------------------------------------------------------------------------------
@@ -281,22 +282,6 @@ def test_cost_defaults_and_override():
 
 # --- the summary --------------------------------------------------------------------------------
 
-REQUIRED = [
-    "train_loss.first", "train_loss.last", "train_loss.decrease_pct", "val_loss.first", "val_loss.best",
-    "val_loss.last", "val_loss.decrease_pct", "val_loss.decrease_pct_last", "final_phase.loss_decrease_pct",
-    "final_phase.still_improving", "token_accuracy.train.first", "token_accuracy.train.last",
-    "token_accuracy.val.first", "token_accuracy.val.last", "early_stopping.triggered", "outliers",
-    "accuracy.base", "accuracy.tuned", "accuracy.mcnemar_p", "cost.hours", "cost.usd", "recommendations",
-    "definitions", "missing",
-]
-
-
-def lookup(summary: dict, dotted: str):
-    node = summary
-    for part in dotted.split("."):
-        assert part in node, f"summary lacks {dotted}"
-        node = node[part]
-    return node
 
 
 def _metrics(steps, losses, eval_every=100, eval_losses=None):
@@ -329,8 +314,8 @@ def test_summary_has_required_keys_and_computes_figures():
                       "total_steps_planned": 1000, "steps_done": 1000, "hardware": "NVIDIA H100 80GB HBM3"},
         base_preds=base, tuned_preds=tuned, data_info={"source": "synthetic"},
     )
-    for key in REQUIRED:
-        lookup(summary, key)
+    for key in REQUIRED_SUMMARY_KEYS:
+        summary_lookup(summary, key)
     assert summary["model"] == "gemma-3-270m" and summary["data"]["synthetic"]
     assert summary["train_loss"]["first"] == losses[0] and summary["train_loss"]["last"] == losses[-1]
     assert summary["steps_per_epoch"] == pytest.approx(500)
@@ -371,8 +356,8 @@ def test_summary_without_base_predictions():
 
 def test_summary_of_nothing_does_not_raise_and_lists_what_is_missing():
     summary = _summary()
-    for key in REQUIRED:
-        lookup(summary, key)
+    for key in REQUIRED_SUMMARY_KEYS:
+        summary_lookup(summary, key)
     assert summary["train_loss"]["first"] is None and summary["cost"]["usd"] is None
     text = " ".join(summary["missing"])
     for fragment in ["no training losses", "no evaluations", "train_result.json is missing", "example_losses",

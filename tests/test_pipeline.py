@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from conftest import REQUIRED_SUMMARY_KEYS, summary_lookup
 from mathtune.cli import main
 from mathtune.runfiles import read_jsonl
 
@@ -28,6 +29,8 @@ def test_run_writes_base_and_tuned_evaluations_on_the_same_problems(tiny_run_dir
 
 def test_run_writes_the_report_with_the_required_summary_keys(tiny_run_dir):
     summary = json.loads((tiny_run_dir / "summary.json").read_text())
+    for key in REQUIRED_SUMMARY_KEYS:
+        summary_lookup(summary, key)
     assert summary["accuracy"]["base"]["total"] == 6 and summary["accuracy"]["tuned"]["total"] == 6
     assert summary["val_loss"]["first"] is not None and summary["cost"]["hours"] > 0
     html = (tiny_run_dir / "report.html").read_text()

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from conftest import REQUIRED_SUMMARY_KEYS, summary_lookup
 from mathtune import report
 
 EVIL = 'Tom has <script>alert(1)</script> 3 <b>bold</b> apples & 2 pears | "quoted". How many?'
@@ -85,30 +86,14 @@ def make_run(root: Path, evaluate: bool = True, source: str = "synthetic") -> Pa
     return run
 
 
-REQUIRED = [
-    "train_loss.first", "train_loss.last", "train_loss.decrease_pct", "val_loss.first", "val_loss.best",
-    "val_loss.last", "val_loss.decrease_pct", "val_loss.decrease_pct_last", "final_phase.loss_decrease_pct",
-    "final_phase.still_improving", "token_accuracy.train.first", "token_accuracy.train.last",
-    "token_accuracy.val.first", "token_accuracy.val.last", "early_stopping.triggered", "outliers",
-    "accuracy.base", "accuracy.tuned", "accuracy.mcnemar_p", "cost.hours", "cost.usd", "recommendations",
-    "definitions", "missing",
-]
-
-
-def _lookup(summary: dict, dotted: str):
-    node = summary
-    for part in dotted.split("."):
-        assert part in node, f"summary.json lacks {dotted}"
-        node = node[part]
-    return node
 
 
 def test_full_report_writes_every_output(tmp_path):
     run = make_run(tmp_path)
     summary = report.write_report(run)
     on_disk = json.loads((run / "summary.json").read_text())
-    for key in REQUIRED:
-        _lookup(on_disk, key)
+    for key in REQUIRED_SUMMARY_KEYS:
+        summary_lookup(on_disk, key)
     for key in ("base", "tuned"):
         assert set(on_disk["accuracy"][key]) == {"correct", "total", "value", "ci95"}
     assert on_disk == json.loads(json.dumps(summary))
