@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from transformers import DynamicCache
 
 from mathtune.evaluate import (
-    EvalError, choose_fewshot_examples, cut_generation, evaluate_problems, finished, generate_answers,
+    EvalError, choose_fewshot_examples, cut_generation, evaluate_problems, finished, generate_answers, score_record,
+    summarize,
 )
 from mathtune.models import load_model, load_tokenizer
 
@@ -60,6 +62,27 @@ def test_stop_rules(text, done, cut):
     assert cut_generation(text) == cut
 
 
+PROMPTS = [
+    "Question: What is 2+2?\nAnswer:", "Question: A farmer has 17 cows and buys 5 more. How many?\nAnswer:",
+    "Question: x\nAnswer:", "Q", "Question: Ann had 50 stickers and gave away 18.\nAnswer:",
+]
+
+
+def assert_batched_equals_generate(model, tokenizer, max_new: int = 30) -> list[int]:
+    """Batched generation (2 batches, left padding) against generate on each prompt alone; the token counts."""
+    ours = {i: (text, n) for i, text, n in generate_answers(model, tokenizer, PROMPTS, max_new, 3, progress=False)}
+
+    def text(ids):
+        return tokenizer.decode(ids, skip_special_tokens=True)
+
+    for i, prompt in enumerate(PROMPTS):
+        inputs = tokenizer(prompt, return_tensors="pt")
+        new = model.generate(**inputs, max_new_tokens=max_new, do_sample=False)[0, inputs["input_ids"].shape[1]:]
+        stop = next(k for k in range(1, len(new) + 1) if k == len(new) or finished(text(new[:k])))  # EOS ends new
+        assert ours[i] == (cut_generation(text(new[:stop])), stop), prompt
+    return [n for _, n in ours.values()]
+
+
 def test_batched_generation_equals_one_at_a_time_generate(tiny, monkeypatch):
     model, tokenizer = tiny
     # Stop on EOS and on two characters the random model emits, so rows end at different steps.
@@ -68,25 +91,34 @@ def test_batched_generation_equals_one_at_a_time_generate(tiny, monkeypatch):
     dropped = []
     select = DynamicCache.batch_select_indices
     monkeypatch.setattr(DynamicCache, "batch_select_indices", lambda self, i: (dropped.append(len(i)), select(self, i)))
-    prompts = [
-        "Question: What is 2+2?\nAnswer:", "Question: A farmer has 17 cows and buys 5 more. How many?\nAnswer:",
-        "Question: x\nAnswer:", "Q", "Question: Ann had 50 stickers and gave away 18.\nAnswer:",
-    ]
-    max_new = 30
-    batched = generate_answers(model, tokenizer, prompts, max_new, batch_size=3, progress=False)
-    ours = {i: (text, n) for i, text, n in batched}
-
-    def text(ids):
-        return tokenizer.decode(ids, skip_special_tokens=True)
-
-    for i, prompt in enumerate(prompts):
-        inputs = tokenizer(prompt, return_tensors="pt")
-        new = model.generate(**inputs, max_new_tokens=max_new, do_sample=False)[0, inputs["input_ids"].shape[1]:]
-        stop = next(k for k in range(1, len(new) + 1) if k == len(new) or finished(text(new[:k])))  # EOS ends new
-        assert ours[i] == (cut_generation(text(new[:stop])), stop), prompt
-    lengths = [n for _, n in ours.values()]
-    assert min(lengths) < max_new and len(set(lengths)) > 2  # rows really stopped at different steps
+    lengths = assert_batched_equals_generate(model, tokenizer)
+    assert min(lengths) < 30 and len(set(lengths)) > 2  # rows really stopped at different steps
     assert dropped  # and finished rows left the batch
+
+
+def test_batched_generation_of_a_lora_model_equals_generate(tiny):
+    """A tuned model: LoRA in the body and on the output head (which takes the head's own forward)."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj", "lm_head"], init_lora_weights=False)
+    lora = get_peft_model(load_model("tiny-random", dtype="float32"), config).eval()
+    assert_batched_equals_generate(lora, tiny[1])
+
+
+def test_records_and_scores_of_known_generations():
+    right = score_record(PROBLEMS[0], " 3 + 4 = 7\n#### 7\n", 9)
+    slip = score_record(PROBLEMS[2], " 10 * 6 = 50\n50 + 4 = 54\n#### 54\n", 20)
+    vague = score_record(PROBLEMS[1], " The boxes hold 60 eggs.", 7)
+    assert (right["correct_strict"], right["correct_flexible"], right["arithmetic_slip"]) == (True, True, False)
+    assert (slip["pred_strict"], slip["correct_strict"], slip["arithmetic_slip"]) == ("54", False, True)
+    assert slip["arithmetic"][0] == {"expression": "10 * 6", "claimed": "50", "value": "60", "ok": False}
+    assert (vague["pred_strict"], vague["pred_flexible"], vague["correct_flexible"]) == (None, "60", True)
+
+    scores = summarize([right, slip, vague])
+    assert (scores["strict"]["correct"], scores["flexible"]["correct"], scores["n"]) == (1, 2, 3)
+    assert scores["arithmetic_slip_share"] == 0.5  # of the two wrong answers, one has a slip
+    assert {k: (v["correct"], v["total"]) for k, v in scores["accuracy_by_steps"].items()} == {"1": (1, 2), "2": (0, 1)}
 
 
 def test_evaluate_writes_predictions_and_scores(tiny, tmp_path):

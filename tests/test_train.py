@@ -120,6 +120,8 @@ def test_two_process_data_parallel_run_writes_one_consistent_run_directory(tmp_p
     # 32 examples, batch 4 per process, 2 processes: 4 steps, one evaluation at step 4.
     assert result["steps_done"] == 4
     assert [m["step"] for m in metrics if m["kind"] == "eval"] == [4]
+    # Exact match: each process answers half of the tiny preset's 4 problems; one gathered result is logged.
+    assert [m["eval_exact_match_n"] for m in metrics if m["kind"] == "eval"] == [4]
     validation_ids = json.loads((run_dir / "data.json").read_text())["validation_ids"]
     dropped = set(result["dropped_too_long"])
     assert sorted(r["id"] for r in read_jsonl(run_dir / "example_losses.jsonl")) == sorted(

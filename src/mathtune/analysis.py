@@ -265,6 +265,7 @@ def early_stopping(train_result: dict, enabled: bool | None) -> dict:
         "triggered": train_result.get("early_stopping_triggered"),
         "best_step": best_step,
         "best_metric": train_result.get("best_metric"),
+        "best_metric_name": train_result.get("best_metric_name"),
         "steps_done": steps_done,
         "total_steps_planned": planned,
         "steps_not_run": planned - steps_done if planned is not None and steps_done is not None else None,
@@ -580,7 +581,8 @@ def definitions() -> dict[str, str]:
         "generalisation.overfitting": f"Detected when validation loss rose at {OVERFIT_RISES} consecutive evaluations "
         f"while the smoothed training loss fell over the same steps.",
         "early_stopping.triggered": "Whether the early-stopping callback ended training before the planned steps (train_result.json).",
-        "early_stopping.kept_checkpoint": "The checkpoint saved as the adapter: the best one when early stopping is on, else the last.",
+        "early_stopping.kept_checkpoint": "The checkpoint saved as the adapter: when early stopping is on, the best one by "
+        "the named metric (the Trainer's metric_for_best_model), else the last.",
         "outliers": f"Validation examples of the last evaluation whose robust z = 0.6745 x (loss - median) / MAD "
         f"exceeds {OUTLIER_Z} in absolute value (Iglewicz & Hoaglin); tags come from keyword rules on the question.",
         "outlier_stats.tag_clusters": "Tags carried by at least 2 high-loss outliers, by half of them, and 1.5 times "
@@ -602,6 +604,8 @@ def definitions() -> dict[str, str]:
         "cost.usd": "Sum over training and evaluations of hours x price per hour; the price is cost.price_per_hour "
         "or a rough 2025 on-demand default for the hardware.",
         "cost.usd_per_point": "Training cost in USD divided by the accuracy gain in percentage points; none without a gain.",
+        "cost.generate_s": "Seconds of training spent generating answers for exact match at evaluations "
+        "(train_result.json's generate_s, else the sum of eval_generate_s); already part of the training time.",
         "cost.tokens": "Tokens processed in training, all of them, at the last training log (num_tokens).",
         "cost.tokens_per_s": "Training tokens divided by the wall-clock seconds elapsed at that log.",
         "recommendations": "Rules on the figures above; each lists the figures that triggered it.",
@@ -721,14 +725,16 @@ def _training(metrics: list[dict], steps_per_epoch: float | None, missing: list[
         generalisation["overfitting"] = _attempt(
             missing, detect_overfitting, eval_steps, eval_losses, train_steps, train_losses)
 
-    em = [(m["step"], m["eval_loss"], m["eval_exact_match_strict"]) for m in metrics
-          if m.get("kind") == "eval" and isinstance(m.get("eval_loss"), (int, float))
-          and isinstance(m.get("eval_exact_match_strict"), (int, float))]
+    exact = dict(zip(*series(metrics, "eval", "eval_exact_match_strict")[:2]))  # only some evaluations generate
+    em = [(step, loss, exact[step]) for step, loss in zip(eval_steps, eval_losses) if step in exact]
     agreement = dict.fromkeys(["n", "spearman_rho", "p_value", "agree", "sentence"])
     if not em:
         missing.append("No evaluation logged exact match during training, so loss and exact match cannot be compared.")
     else:
         agreement = _attempt(missing, loss_vs_exact_match, *map(list, zip(*em))) or agreement
+        if agreement["n"] and agreement["spearman_rho"] is None:
+            missing.append(f"Validation loss or exact match was constant over the {agreement['n']} evaluations that "
+                           "logged both, so their rank correlation is undefined.")
 
     return {
         "steps_per_epoch": steps_per_epoch,
@@ -748,7 +754,7 @@ def _early_stopping(train_result: dict | None, config: dict, missing: list[str])
     if train_result is None:
         missing.append("train_result.json is missing (the run may still be training, or it crashed), so early stopping "
                        "and the kept checkpoint cannot be reported.")
-        return dict.fromkeys(["enabled", "triggered", "best_step", "best_metric", "steps_done",
+        return dict.fromkeys(["enabled", "triggered", "best_step", "best_metric", "best_metric_name", "steps_done",
                               "total_steps_planned", "steps_not_run", "kept_checkpoint"])
     stopping = early_stopping(train_result, train_result.get("early_stopping_enabled", enabled))
     if (stopping["steps_not_run"] or 0) > 0:
@@ -841,6 +847,10 @@ def _cost(metrics: list[dict], config: dict, train_result: dict | None, scores: 
                        "in the config to price it.")
     if gain is not None and gain <= 0:
         missing.append("The tuned model gained no accuracy over the base model, so there is no cost per point gained.")
+    generated = [m["eval_generate_s"] for m in metrics if isinstance(m.get("eval_generate_s"), (int, float))]
+    generate_s = (train_result or {}).get("generate_s")
+    if generate_s is None and generated:
+        generate_s = sum(generated)
     train_usd = next((p["usd"] for p in phases if p["phase"] == "training"), None)
     has_tokens = any(m.get("kind") == "train" for m in metrics)
     tokens = (_attempt(missing, throughput, metrics) if has_tokens else None) or {}
@@ -849,6 +859,8 @@ def _cost(metrics: list[dict], config: dict, train_result: dict | None, scores: 
         "usd": sum(p["usd"] for p in phases) if phases and not unpriced else None,
         "phases": phases,
         "usd_per_point": train_usd / gain if train_usd is not None and gain is not None and gain > 0 else None,
+        "generate_s": generate_s,
+        "generate_share": generate_s / train_seconds if generate_s is not None and train_seconds else None,
         "tokens": tokens.get("tokens"),
         "loss_tokens": tokens.get("loss_tokens"),
         "tokens_per_s": tokens.get("tokens_per_s"),

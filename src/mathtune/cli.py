@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 from pathlib import Path
 
@@ -134,10 +135,16 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ConfigError, ValueError, FileNotFoundError) as exc:
-        if isinstance(exc, ValueError) and not _is_ours(exc):
+    except (ConfigError, ValueError, RuntimeError, FileNotFoundError) as exc:
+        if isinstance(exc, (ValueError, RuntimeError)) and not _is_ours(exc):
             raise
         print(f"mathtune: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        if exc.errno != errno.ENOSPC:
+            raise
+        print(f"mathtune: error: the disk is full ({exc}). Free some space, then continue: what was written so far "
+              "is kept (`mathtune run` picks up where it stopped; `mathtune train --resume RUN_DIR`).", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("\nmathtune: interrupted; what was written so far is kept (resume with --resume RUN_DIR)",

@@ -95,6 +95,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     save_total_limit: int | None = 3
     seed: int = 42
+    divergence_factor: float | None = None  # stop when the training loss exceeds this x its lowest; null: off
 
     def check(self) -> None:
         _positive("train.epochs", self.epochs)
@@ -107,6 +108,8 @@ class TrainConfig:
             raise ConfigError(f"train.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.early_stopping_patience is not None:
             _positive("train.early_stopping_patience", self.early_stopping_patience)
+        if self.divergence_factor is not None and not self.divergence_factor > 1:
+            raise ConfigError(f"train.divergence_factor must be above 1 (or null: off), got {self.divergence_factor}")
         _one_of("train.early_stopping_metric", self.early_stopping_metric, ["eval_loss", "eval_exact_match"])
         _one_of(
             "train.lr_scheduler", self.lr_scheduler, ["linear", "cosine", "constant", "constant_with_warmup"]
@@ -121,6 +124,8 @@ class EvalConfig:
     max_new_tokens: int = 256
     batch_size: int = 16
     seed: int = 1234
+    generate_every: int = 1  # exact match during training at every Nth evaluation (the Nth, 2Nth, ...); 0: never
+    generate_subset: int = 20  # on a fixed, seeded subset of this many validation problems
 
     def check(self) -> None:
         _one_of("eval.split", self.split, ["test", "validation"])
@@ -130,6 +135,9 @@ class EvalConfig:
             raise ConfigError(f"eval.shots must be >= 0, got {self.shots}")
         _positive("eval.max_new_tokens", self.max_new_tokens)
         _positive("eval.batch_size", self.batch_size)
+        if self.generate_every < 0:
+            raise ConfigError(f"eval.generate_every must be >= 0 (0 turns it off), got {self.generate_every}")
+        _positive("eval.generate_subset", self.generate_subset)
 
 
 @dataclass
@@ -152,6 +160,11 @@ class Config:
     def check(self) -> None:
         for section in (self.model, self.data, self.lora, self.train, self.eval):
             section.check()
+        if self.train.early_stopping_metric == "eval_exact_match" and self.eval.generate_every != 1:
+            raise ConfigError(
+                "train.early_stopping_metric=eval_exact_match compares exact match at every evaluation: "
+                f"set eval.generate_every=1 (got {self.eval.generate_every}) or use eval_loss"
+            )
 
     @property
     def run_dir(self) -> Path:

@@ -97,7 +97,7 @@ def read_problems(path: Path, split: str, skip_invalid: bool = False) -> tuple[l
     if not path.exists():
         raise DataError(f"{path} does not exist: a GSM8K directory needs train.jsonl and test.jsonl")
     problems, errors = [], []
-    with path.open(encoding="utf-8") as handle:
+    with path.open("rb") as handle:  # bytes: a line that is not UTF-8 is one bad record, not a crash
         for index, line in enumerate(handle):
             if not line.strip():
                 errors.append(f"{path}:{index + 1}: empty line")
@@ -106,6 +106,10 @@ def read_problems(path: Path, split: str, skip_invalid: bool = False) -> tuple[l
                 record = json.loads(line)
             except json.JSONDecodeError as exc:
                 errors.append(f"{path}:{index + 1}: not valid JSON ({exc.msg})")
+                continue
+            except (UnicodeDecodeError, RecursionError) as exc:
+                what = "not UTF-8 text" if isinstance(exc, UnicodeDecodeError) else "JSON nested too deeply"
+                errors.append(f"{path}:{index + 1}: {what}")
                 continue
             problem = check_record(record)
             if problem:

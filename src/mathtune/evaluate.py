@@ -61,11 +61,20 @@ def stop_token_ids(model, tokenizer) -> set[int]:
 
 @torch.inference_mode()
 def _next_tokens(model, input_ids, attention_mask, position_ids, cache) -> list[int]:
-    logits = model(
+    """Each row's greedy next token, the cache extended by the inputs.
+
+    The logits are computed as W @ h.T rather than by the model's head (h @ W.T): with a few rows
+    and Gemma's 262k-row vocabulary this is 2x faster on CPU (W is not repacked). What a model does
+    to its logits after the head (soft-capping, scaling) is monotone, so it leaves the argmax alone.
+    """
+    hidden = model.get_decoder()(
         input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-        past_key_values=cache, use_cache=True, logits_to_keep=1,
-    ).logits
-    return logits[:, -1].argmax(-1).tolist()
+        past_key_values=cache, use_cache=True,
+    ).last_hidden_state[:, -1]
+    head = model.get_output_embeddings()
+    if type(head) is torch.nn.Linear and head.bias is None:  # not an adapter-wrapped head
+        return (head.weight @ hidden.T).argmax(0).tolist()
+    return head(hidden).argmax(-1).tolist()
 
 
 def _generate_batch(model, tokenizer, token_lists: list[list[int]], max_new_tokens: int, stop_ids: set[int]):

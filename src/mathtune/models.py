@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from mathtune.data import hub_reachable
+
 PACKAGED_GEMMA = "gemma-3-270m"
 TINY_RANDOM = "tiny-random"
 CACHE_DIR = Path(os.environ.get("MATHTUNE_CACHE", Path.home() / ".cache" / "mathtune"))
@@ -125,10 +127,11 @@ def load_tokenizer(name: str, revision: str | None = None):
     from transformers import AutoTokenizer
 
     path = resolve_model_path(name)
+    offline = _offline(path)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, revision=revision)
+        tokenizer = AutoTokenizer.from_pretrained(path, revision=revision, local_files_only=offline)
     except OSError as exc:
-        raise ModelError(_not_found(name, exc)) from exc
+        raise ModelError(_not_found(name, exc, offline)) from exc
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -139,12 +142,14 @@ def load_model(name: str, dtype: str = "auto", revision: str | None = None, adap
     from transformers import AutoModelForCausalLM
 
     path = resolve_model_path(name)
+    offline = _offline(path)
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=resolve_dtype(dtype), revision=revision, attn_implementation="sdpa"
+            path, dtype=resolve_dtype(dtype), revision=revision, attn_implementation="sdpa",
+            local_files_only=offline,
         )
     except OSError as exc:
-        raise ModelError(_not_found(name, exc)) from exc
+        raise ModelError(_not_found(name, exc, offline)) from exc
     if adapter is not None:
         from peft import PeftModel
 
@@ -162,9 +167,16 @@ def adapter_base_model(adapter_dir: Path) -> str:
     return config["base_model_name_or_path"]
 
 
-def _not_found(name: str, exc: Exception) -> str:
+def _offline(path: str) -> bool:
+    """A Hub id with no Hub in reach: load it from the local cache only, so a miss fails at once, not after retries."""
+    return not Path(path).exists() and not hub_reachable()
+
+
+def _not_found(name: str, exc: Exception, offline: bool = False) -> str:
     return (
         f"could not load model {name!r}: {exc}\n"
-        "Give a Hub id (e.g. google/gemma-2b; set HF_TOKEN for gated models), a local directory with "
+        + (f"The Hugging Face Hub cannot be reached and {name!r} is not in the local cache: download it where "
+           "there is a network, or copy its directory here and give that path.\n" if offline else "")
+        + "Give a Hub id (e.g. google/gemma-2b; set HF_TOKEN for gated models), a local directory with "
         f"config.json, {PACKAGED_GEMMA!r} for the packaged Gemma 3 270M, or {TINY_RANDOM!r} for a test model."
     )

@@ -86,11 +86,11 @@ def run(config: Config, overwrite: bool = False) -> dict:
                 "to continue it, pass --overwrite to replace it, or choose another --name."
             )
         print(f"Continuing the run in {run_dir}.", flush=True)
+    dataset = data_module.load_dataset(config.data)  # bad data fails before the run directory is touched
+    announce_data(dataset)
     prepare_run_dir(run_dir, overwrite=overwrite, resume=existing and not overwrite)
     started = time.time()
 
-    dataset = data_module.load_dataset(config.data)
-    announce_data(dataset)
     run_evaluation(config, dataset, run_dir / "eval" / "base", config.model.name, None, config.eval.shots)
     if read_json(run_dir / "train_result.json") is None:
         train(config, resume=True)

@@ -151,6 +151,7 @@ def make_plots(summary: dict, metrics: list[dict], example_losses: list[dict]) -
     """PNG bytes per plot name, for the plots the run has data for."""
     metrics = analysis.latest_per_step(metrics)
     plots = {}
+    step_axis = None  # the loss plot's step range, shared by the exact-match plot so the two line up
     train_steps, train_losses, _ = analysis.series(metrics, "train", "loss")
     eval_steps, eval_losses, _ = analysis.series(metrics, "eval", "eval_loss")
     if train_steps or eval_steps:
@@ -171,6 +172,7 @@ def make_plots(summary: dict, metrics: list[dict], example_losses: list[dict]) -
                           color=COLORS["smooth"], markerfacecolor="white", capsize=3,
                           label="forecast, +1 and +2 epochs" if point["epochs_ahead"] == 1 else None)
         axes.legend(fontsize=8, frameon=False)
+        step_axis = axes.get_xlim()
         plots["loss"] = _png(figure)
 
     train_acc = analysis.series(metrics, "train", "mean_token_accuracy")
@@ -225,6 +227,9 @@ def make_plots(summary: dict, metrics: list[dict], example_losses: list[dict]) -
         flex_steps, flex, _ = analysis.series(metrics, "eval", "eval_exact_match_flexible")
         if flex_steps:
             axes.plot(flex_steps, [v * 100 for v in flex], "s--", color=COLORS["base"], markersize=3, label="flexible")
+        if step_axis:
+            axes.set_xlim(step_axis)
+        axes.set_ylim(0, max([10.0, *(v * 115 for v in em + flex)]))  # shares: never below 0%, zeros stay readable
         axes.legend(fontsize=8, frameon=False)
         plots["exact_match"] = _png(figure)
     return plots

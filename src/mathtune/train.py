@@ -23,13 +23,19 @@ import torch
 from mathtune import data as data_module
 from mathtune.config import Config
 from mathtune.models import load_model, load_tokenizer, resolve_dtype
-from mathtune.runfiles import append_jsonl, read_jsonl, write_json, write_text
+from mathtune.runfiles import append_jsonl, read_json, read_jsonl, write_json, write_text
 
-BEST_METRIC_DIRECTION = {"eval_loss": False, "eval_exact_match": True}
+COUNTERS = "mathtune_counters.json"  # in each checkpoint: what restore_counters reads
+# train.early_stopping_metric -> (the Trainer's metric_for_best_model, greater_is_better)
+BEST_METRIC = {"eval_loss": ("eval_loss", False), "eval_exact_match": ("eval_exact_match_strict", True)}
 
 
 class RunDirError(ValueError):
     """The output directory holds another run; the message says how to proceed."""
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite, or blew up; the message names the step and the last good checkpoint."""
 
 
 # --- the run directory --------------------------------------------------------------------------
@@ -84,17 +90,18 @@ def hardware_name() -> str:
 # --- data ---------------------------------------------------------------------------------------
 
 
-def prepare_data(
-    config: Config, run_dir: Path, write: bool = True
-) -> tuple[list[dict], list[dict], data_module.Dataset]:
-    """Load, subset and split the training problems; record the ids of each side in data.json."""
+def prepare_data(config: Config) -> tuple[list[dict], list[dict], data_module.Dataset]:
+    """Load, subset and split the training problems."""
     dataset = data_module.load_dataset(config.data)
     problems = data_module.seeded_subset(dataset.train, config.data.train_limit, config.data.seed)
     train, validation = data_module.split_train_validation(
         problems, config.data.validation_fraction, config.data.seed
     )
-    if not write:  # under data parallelism every process splits alike; one writes
-        return train, validation, dataset
+    return train, validation, dataset
+
+
+def write_data_json(run_dir: Path, dataset: data_module.Dataset, train: list[dict], validation: list[dict]) -> None:
+    """data.json: where the problems came from, and the ids of each side of the split."""
     write_json(run_dir / "data.json", {
         "source": dataset.source,
         "location": dataset.location,
@@ -104,7 +111,6 @@ def prepare_data(
         "train_ids": [p["id"] for p in train],
         "validation_ids": [p["id"] for p in validation],
     })
-    return train, validation, dataset
 
 
 def tokenize(problems: list[dict], tokenizer, max_length: int) -> tuple[list[dict], list[str]]:
@@ -123,31 +129,55 @@ def tokenize(problems: list[dict], tokenizer, max_length: int) -> tuple[list[dic
 
 
 def make_trainer_class():
-    """SFTTrainer plus a per-example validation pass; built lazily so importing mathtune stays light."""
+    """SFTTrainer plus a per-example validation pass and exact match on a validation subset (the loss alone
+    does not say whether answers come out right); built lazily so importing mathtune stays light."""
     from accelerate.utils import gather_object
     from trl import SFTTrainer
 
     class MathTuneTrainer(SFTTrainer):
-        def __init__(self, *args, validation_examples, validation_ids, run_dir, **kwargs):
+        def __init__(self, *args, validation_examples, validation_ids, run_dir, generation_problems, eval_config,
+                     **kwargs):
             super().__init__(*args, **kwargs)
             self.validation_examples = validation_examples
             self.validation_ids = validation_ids
             self.run_dir = run_dir
+            self.generation_problems = generation_problems
+            self.eval_config = eval_config
             self.loss_tokens_seen = 0
+            self.generate_seconds = 0.0
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             if model.training:
                 self.loss_tokens_seen += int((inputs["labels"][:, 1:] != -100).sum())
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
+        def loss_tokens_total(self) -> int:
+            """Loss-bearing tokens seen so far by all processes (a collective: every process calls it)."""
+            seen = torch.tensor(self.loss_tokens_seen, device=self.accelerator.device)
+            return int(self.accelerator.reduce(seen, reduction="sum"))
+
         def log(self, logs, start_time=None):
             if "loss" in logs:
-                seen = torch.tensor(self.loss_tokens_seen, device=self.accelerator.device)
-                logs["num_loss_tokens"] = int(self.accelerator.reduce(seen, reduction="sum"))
+                logs["num_loss_tokens"] = self.loss_tokens_total()
             super().log(logs, start_time)
 
+        def _save_checkpoint(self, model, trial):
+            """Also keep the counters the Trainer does not, before it writes trainer_state.json (its last file)."""
+            counters = {"loss_tokens": self.loss_tokens_total(), "train_tokens": self._total_train_tokens,
+                        "generate_s": self.generate_seconds}
+            if self.args.should_save:
+                write_json(Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}" / COUNTERS, counters)
+            super()._save_checkpoint(model, trial)
+
+        def restore_counters(self, checkpoint: Path) -> None:
+            """Token counts and generation time go on from a checkpoint (each process's share sums to the total)."""
+            saved = read_json(checkpoint / COUNTERS) or {}
+            self.loss_tokens_seen = saved.get("loss_tokens", 0) if self.accelerator.is_main_process else 0
+            self._total_train_tokens = saved.get("train_tokens", 0)
+            self.generate_seconds = saved.get("generate_s", 0.0)
+
         def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
-            """Token-weighted validation loss and accuracy, and each example's own, in one pass."""
+            """Token-weighted validation loss and accuracy, and each example's own, in one pass; exact match when due."""
             was_training = self.model.training
             self.model.eval()
             rank, world = self.accelerator.process_index, self.accelerator.num_processes
@@ -172,11 +202,42 @@ def make_trainer_class():
                         "loss": r["loss_sum"] / r["n_tokens"], "token_accuracy": r["correct"] / r["n_tokens"],
                         "n_tokens": r["n_tokens"],
                     })
+            every = self.eval_config.generate_every
+            if every and (self.state.global_step // self.args.eval_steps) % every == 0:  # by step: resume-proof
+                metrics.update(self._exact_match(metric_key_prefix))
             self.log(metrics)
             self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
             if was_training:
                 self.model.train()
             return metrics
+
+        def _exact_match(self, prefix: str) -> dict:
+            """Greedy zero-shot answers to the generation subset, scored as `mathtune eval` scores them.
+
+            Called in eval mode, where the decoding loop's use_cache=True holds although the Trainer
+            turns the model's cache off for training. Each process answers its share of the problems.
+            """
+            from mathtune import evaluate as evaluation  # here, not at the top: evaluate imports this module
+
+            rank, world = self.accelerator.process_index, self.accelerator.num_processes
+            mine = self.generation_problems[rank::world]
+            start = time.perf_counter()
+            answers = evaluation.generate_answers(
+                self.model, self.processing_class, [data_module.format_prompt(p["question"]) for p in mine],
+                self.eval_config.max_new_tokens, self.eval_config.batch_size, progress=False,
+            )
+            scored = [evaluation.score_record(mine[i], text, n_tokens) for i, text, n_tokens in answers]
+            rows = [(r["correct_strict"], r["correct_flexible"]) for r in scored]
+            seconds = time.perf_counter() - start
+            if world > 1:
+                rows, seconds = gather_object(rows), max(gather_object([seconds]))
+            self.generate_seconds += seconds
+            return {
+                f"{prefix}_exact_match_strict": sum(strict for strict, _ in rows) / len(rows),
+                f"{prefix}_exact_match_flexible": sum(flexible for _, flexible in rows) / len(rows),
+                f"{prefix}_exact_match_n": len(rows),
+                f"{prefix}_generate_s": round(seconds, 3),
+            }
 
         def _example_stats(self, examples: list[dict]) -> list[dict]:
             batch = self.data_collator([{"input_ids": e["input_ids"], "labels": e["labels"]} for e in examples])
@@ -200,8 +261,35 @@ def make_trainer_class():
     return MathTuneTrainer
 
 
-def make_callbacks(run_dir: Path, start_time: float):
+def make_callbacks(run_dir: Path, start_time: float, divergence_factor: float | None, logged: list[dict]):
+    """The divergence guard, then the metrics.jsonl writer (so a NaN is never logged); `logged`: what a resume keeps."""
     from transformers import TrainerCallback
+
+    class DivergenceGuard(TrainerCallback):
+        """Stops at a NaN or infinite loss, or (with divergence_factor) a training loss above factor x its lowest.
+
+        It raises in on_log, before the Trainer saves a checkpoint at that step, so every checkpoint is a good one.
+        """
+
+        def __init__(self):
+            self.lowest = min((r["loss"] for r in logged if r["kind"] == "train"), default=math.inf)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            logs = logs or {}
+            loss = logs.get("loss")
+            problem = next((f"{k} became {logs[k]}" for k in ("loss", "eval_loss")
+                            if k in logs and not math.isfinite(logs[k])), None)
+            if not problem and loss is not None and divergence_factor and loss > divergence_factor * self.lowest:
+                problem = (f"loss rose to {loss:.4g}, above train.divergence_factor={divergence_factor:g} x its "
+                           f"lowest ({self.lowest:.4g})")
+            if problem:
+                raise TrainingDiverged(
+                    f"training diverged: {problem} at step {state.global_step}; last good checkpoint: "
+                    f"{last_checkpoint(run_dir) or 'none yet'}. Lower train.learning_rate (or raise "
+                    "train.warmup_ratio, lower train.max_grad_norm) and start again with --overwrite or another --name."
+                )
+            if loss is not None:
+                self.lowest = min(self.lowest, loss)
 
     class MetricsFile(TrainerCallback):
         """Appends each log record to metrics.jsonl, one writer only under data parallelism."""
@@ -217,7 +305,7 @@ def make_callbacks(run_dir: Path, start_time: float):
             record.update({k: v for k, v in logs.items() if k not in ("epoch", "step")})
             append_jsonl(run_dir / "metrics.jsonl", record)
 
-    return [MetricsFile()]
+    return [DivergenceGuard(), MetricsFile()]
 
 
 def sft_config(config: Config, run_dir: Path, dtype: torch.dtype):
@@ -225,7 +313,7 @@ def sft_config(config: Config, run_dir: Path, dtype: torch.dtype):
 
     t = config.train
     early_stopping = t.early_stopping_patience is not None
-    metric = t.early_stopping_metric
+    metric, greater_is_better = BEST_METRIC[t.early_stopping_metric]
     return SFTConfig(
         output_dir=str(run_dir / "checkpoints"),
         num_train_epochs=t.epochs,
@@ -240,6 +328,7 @@ def sft_config(config: Config, run_dir: Path, dtype: torch.dtype):
         max_grad_norm=t.max_grad_norm,
         logging_steps=t.logging_steps,
         logging_first_step=True,
+        logging_nan_inf_filter=False,  # a NaN loss is logged as NaN (not averaged away), so the guard sees it
         eval_strategy="steps",
         eval_steps=t.eval_steps,
         save_strategy="steps",
@@ -247,7 +336,7 @@ def sft_config(config: Config, run_dir: Path, dtype: torch.dtype):
         save_total_limit=t.save_total_limit,
         load_best_model_at_end=early_stopping,
         metric_for_best_model=metric if early_stopping else None,
-        greater_is_better=BEST_METRIC_DIRECTION[metric] if early_stopping else None,
+        greater_is_better=greater_is_better if early_stopping else None,
         seed=t.seed,
         data_seed=t.seed,
         bf16=dtype == torch.bfloat16,
@@ -262,6 +351,7 @@ def sft_config(config: Config, run_dir: Path, dtype: torch.dtype):
         use_cpu=not torch.cuda.is_available(),  # also what makes a multi-process CPU launch use gloo
         dataloader_num_workers=0,
         save_only_model=False,
+        restore_callback_states_from_checkpoint=True,  # early stopping's patience count goes on after a resume
         remove_unused_columns=True,
     )
 
@@ -285,11 +375,15 @@ def trim_metrics_after(run_dir: Path, step: int) -> None:
 
 
 def last_checkpoint(run_dir: Path) -> Path | None:
-    from transformers.trainer_utils import get_last_checkpoint
-
-    folder = run_dir / "checkpoints"
-    found = get_last_checkpoint(str(folder)) if folder.exists() else None
-    return Path(found) if found else None
+    """The newest whole checkpoint: the Trainer writes trainer_state.json last, so a save cut short lacks it."""
+    found = sorted(run_dir.glob("checkpoints/checkpoint-[0-9]*"), key=lambda c: _step_of(c.name), reverse=True)
+    for checkpoint in found:
+        try:
+            json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
+            return checkpoint
+        except (OSError, ValueError):
+            print(f"warning: {checkpoint} is incomplete (its save was interrupted); skipping it", file=sys.stderr)
+    return None
 
 
 def train(config: Config, overwrite: bool = False, resume: bool = False, merge: bool = False) -> dict:
@@ -299,24 +393,8 @@ def train(config: Config, overwrite: bool = False, resume: bool = False, merge: 
 
     state = PartialState(cpu=not torch.cuda.is_available())  # cpu: gloo data parallelism when launched on CPUs
     run_dir = config.run_dir
-    if state.is_main_process:
-        prepare_run_dir(run_dir, overwrite=overwrite, resume=resume)
-        import yaml
-
-        write_text(run_dir / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
-        write_json(run_dir / "environment.json", environment_info(config))
-    state.wait_for_everyone()
-
-    checkpoint = last_checkpoint(run_dir) if resume else None
-    if resume and checkpoint is None and (run_dir / "metrics.jsonl").exists():
-        print(f"No checkpoint in {run_dir}/checkpoints yet: training starts from the beginning.", flush=True)
-    if state.is_main_process:
-        trim_metrics_after(run_dir, int(checkpoint.name.split("-")[-1]) if checkpoint else 0)
-
-    train_problems, validation_problems, dataset = prepare_data(config, run_dir, write=state.is_main_process)
-    if state.is_main_process:
-        print(f"Data: {dataset.source} ({dataset.location}); {len(train_problems)} training and "
-              f"{len(validation_problems)} validation problems.", flush=True)
+    # Bad data or a model that cannot be found fail here, before the run directory is touched.
+    train_problems, validation_problems, dataset = prepare_data(config)
     tokenizer = load_tokenizer(config.model.name, config.model.revision)
     train_examples, dropped_train = tokenize(train_problems, tokenizer, config.data.max_length)
     validation_examples, dropped_val = tokenize(validation_problems, tokenizer, config.data.max_length)
@@ -324,6 +402,24 @@ def train(config: Config, overwrite: bool = False, resume: bool = False, merge: 
         raise data_module.DataError(
             f"no example fits data.max_length={config.data.max_length} tokens on one side of the split; raise it"
         )
+    if state.is_main_process:
+        prepare_run_dir(run_dir, overwrite=overwrite, resume=resume)
+        import yaml
+
+        write_text(run_dir / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
+        write_json(run_dir / "environment.json", environment_info(config))
+        write_data_json(run_dir, dataset, train_problems, validation_problems)
+        print(f"Data: {dataset.source} ({dataset.location}); {len(train_problems)} training and "
+              f"{len(validation_problems)} validation problems.", flush=True)
+    state.wait_for_everyone()
+
+    checkpoint = last_checkpoint(run_dir) if resume else None
+    if resume and checkpoint is None and (run_dir / "metrics.jsonl").exists():
+        print(f"No checkpoint in {run_dir}/checkpoints yet: training starts from the beginning.", flush=True)
+    if state.is_main_process:
+        trim_metrics_after(run_dir, _step_of(checkpoint.name) if checkpoint else 0)
+    state.wait_for_everyone()
+    logged = read_jsonl(run_dir / "metrics.jsonl")  # what a resumed run goes on from
 
     dtype = resolve_dtype(config.model.dtype)
     model = load_model(config.model.name, config.model.dtype, config.model.revision)
@@ -331,8 +427,8 @@ def train(config: Config, overwrite: bool = False, resume: bool = False, merge: 
 
     from transformers import EarlyStoppingCallback
 
-    start = time.time()
-    callbacks = make_callbacks(run_dir, start)
+    start = time.time() - (logged[-1]["elapsed_s"] if logged else 0)  # a resumed run's clock goes on
+    callbacks = make_callbacks(run_dir, start, config.train.divergence_factor, logged)
     if config.train.early_stopping_patience is not None:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=config.train.early_stopping_patience))
     trainer = make_trainer_class()(
@@ -346,7 +442,11 @@ def train(config: Config, overwrite: bool = False, resume: bool = False, merge: 
         validation_examples=validation_examples,
         validation_ids=[validation_problems[e["index"]]["id"] for e in validation_examples],
         run_dir=run_dir,
+        generation_problems=data_module.seeded_subset(validation_problems, config.eval.generate_subset, config.eval.seed),
+        eval_config=config.eval,
     )
+    if checkpoint:
+        trainer.restore_counters(checkpoint)
     result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     elapsed = time.time() - start
 
@@ -360,15 +460,16 @@ def train(config: Config, overwrite: bool = False, resume: bool = False, merge: 
         "epochs_done": trainer.state.epoch,
         "early_stopping_enabled": stopper is not None,
         "early_stopping_triggered": bool(stopper and trainer.state.global_step < steps_planned),
-        "best_metric_name": config.train.early_stopping_metric if stopper else None,
+        "best_metric_name": trainer.args.metric_for_best_model if stopper else None,
         "best_metric": trainer.state.best_metric,
         "best_checkpoint": trainer.state.best_model_checkpoint,
         "best_step": _step_of(trainer.state.best_model_checkpoint),
         "kept": "best checkpoint" if stopper else "last step",
         "train_tokens": trainer._total_train_tokens,
-        "train_loss_tokens": trainer.loss_tokens_seen * state.num_processes,
+        "train_loss_tokens": trainer.loss_tokens_total(),
         "tokens_per_s": round(trainer._total_train_tokens / elapsed, 2) if elapsed else None,
         "train_runtime_s": result.metrics.get("train_runtime"),
+        "generate_s": round(trainer.generate_seconds, 1),  # exact match at evaluations, part of wall_clock_s
         "hardware": hardware_name(),
         "num_processes": state.num_processes,
         "dtype": str(dtype).removeprefix("torch."),
