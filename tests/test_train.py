@@ -126,3 +126,14 @@ def test_two_process_data_parallel_run_writes_one_consistent_run_directory(tmp_p
     dropped = set(result["dropped_too_long"])
     assert sorted(r["id"] for r in read_jsonl(run_dir / "example_losses.jsonl")) == sorted(
         set(validation_ids) - dropped)
+
+
+def test_validation_examples_dropped_as_too_long_do_not_shift_the_ids(tmp_path, gsm8k_dir):
+    """Per-example losses stay attached to the right problem when some validation problems are dropped."""
+    config = tiny_config(tmp_path, gsm8k_dir, "data.max_length=330", "train.max_steps=2", "train.eval_steps=2")
+    result = train(config)
+    validation_ids = json.loads((config.run_dir / "data.json").read_text())["validation_ids"]
+    dropped = set(result["dropped_too_long"]) & set(validation_ids)
+    assert dropped and len(dropped) < len(validation_ids), "the case needs some, not all, validation problems dropped"
+    rows = read_jsonl(config.run_dir / "example_losses.jsonl")
+    assert [r["id"] for r in rows] == [i for i in validation_ids if i not in dropped]

@@ -116,12 +116,12 @@ def write_data_json(run_dir: Path, dataset: data_module.Dataset, train: list[dic
 def tokenize(problems: list[dict], tokenizer, max_length: int) -> tuple[list[dict], list[str]]:
     """Tokenized examples; those longer than max_length are dropped (never truncated: that would cut the answer)."""
     examples, dropped = [], []
-    for index, problem in enumerate(problems):
+    for problem in problems:
         example = data_module.tokenize_example(tokenizer, problem["question"], problem["answer"])
         if len(example["input_ids"]) > max_length:
             dropped.append(problem["id"])
             continue
-        examples.append({**example, "index": index})
+        examples.append({**example, "id": problem["id"]})
     return examples, dropped
 
 
@@ -135,11 +135,10 @@ def make_trainer_class():
     from trl import SFTTrainer
 
     class MathTuneTrainer(SFTTrainer):
-        def __init__(self, *args, validation_examples, validation_ids, run_dir, generation_problems, eval_config,
+        def __init__(self, *args, validation_examples, run_dir, generation_problems, eval_config,
                      **kwargs):
             super().__init__(*args, **kwargs)
             self.validation_examples = validation_examples
-            self.validation_ids = validation_ids
             self.run_dir = run_dir
             self.generation_problems = generation_problems
             self.eval_config = eval_config
@@ -196,9 +195,10 @@ def make_trainer_class():
             }
             if self.accelerator.is_main_process:
                 step = self.state.global_step
-                for r in sorted(rows, key=lambda r: r["index"]):
+                order = {e["id"]: i for i, e in enumerate(self.validation_examples)}
+                for r in sorted(rows, key=lambda r: order[r["id"]]):
                     append_jsonl(self.run_dir / "example_losses.jsonl", {
-                        "step": step, "id": self.validation_ids[r["index"]],
+                        "step": step, "id": r["id"],
                         "loss": r["loss_sum"] / r["n_tokens"], "token_accuracy": r["correct"] / r["n_tokens"],
                         "n_tokens": r["n_tokens"],
                     })
@@ -252,7 +252,7 @@ def make_trainer_class():
                 span = slice(offset, offset + length - 1)
                 n = int(mask[span].sum())
                 rows.append({
-                    "index": example["index"], "n_tokens": n,
+                    "id": example["id"], "n_tokens": n,
                     "loss_sum": float(-log_probs[span].sum()), "correct": int(hits[span].sum()),
                 })
                 offset += length
@@ -440,7 +440,6 @@ def train(config: Config, overwrite: bool = False, resume: bool = False, merge: 
         peft_config=lora_config(config),
         callbacks=callbacks,
         validation_examples=validation_examples,
-        validation_ids=[validation_problems[e["index"]]["id"] for e in validation_examples],
         run_dir=run_dir,
         generation_problems=data_module.seeded_subset(validation_problems, config.eval.generate_subset, config.eval.seed),
         eval_config=config.eval,
