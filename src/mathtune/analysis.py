@@ -599,6 +599,13 @@ def definitions() -> dict[str, str]:
         "accuracy.regressions": "Problems the base model answered correctly and the tuned model did not (strict).",
         "loss_vs_exact_match.spearman_rho": "Spearman rank correlation of validation loss and exact match over the "
         "evaluations that logged both; negative means they agree.",
+        "robustness": "Strict exact match on fresh generated problems (mathtune.synthetic, the same templates, "
+        "seed data.synthetic_seed + 1000, which neither training nor the test set uses), base few-shot and tuned "
+        "zero-shot as on the evaluation set; 95% Wilson interval. Names and numbers are new, so a model that "
+        "memorised look-alikes drops here.",
+        "robustness.gap_points": "Tuned strict accuracy on the evaluation set minus tuned accuracy on the fresh "
+        "generated problems, in percentage points; positive means the evaluation set flatters the model.",
+        "robustness.seed": "The seed of the fresh generated problems (their ids are synthetic-<seed>-<index>).",
         "cost.hours": "Wall-clock hours of training (train_result.json's wall_clock_s, else elapsed_s at the last log) "
         "plus base and tuned evaluation (scores.json's elapsed_s).",
         "cost.usd": "Sum over training and evaluations of hours x price per hour; the price is cost.price_per_hour "
@@ -824,6 +831,22 @@ def _answers(preds: dict, scores: dict, missing: list[str], notes: list[str]) ->
     return acc
 
 
+def _robustness(preds: dict, scores: dict, tuned: dict, missing: list[str]) -> dict:
+    """Base and tuned accuracy on fresh generated problems, and how far the tuned model drops there."""
+    rob = {name: _model_accuracy(preds[name], scores[name], "strict") for name in ("base", "tuned")}
+    rob["gap_points"] = None
+    seeds = {int(m.group(1)) for name in ("base", "tuned")
+             for text in [p.get("id") for p in preds[name] or []] + [(scores[name] or {}).get("split")]
+             if isinstance(text, str) and (m := re.fullmatch(r"synthetic-(\d+)(?:-\d+)?", text))}
+    rob["seed"] = seeds.pop() if len(seeds) == 1 else None
+    if rob["base"]["total"] is None and rob["tuned"]["total"] is None:
+        missing.append("No robustness evaluation (set eval.robustness_size or run mathtune eval --robustness), so "
+                       "accuracy on fresh generated problems cannot be reported.")
+    elif tuned["value"] is not None and rob["tuned"]["value"] is not None:
+        rob["gap_points"] = (tuned["value"] - rob["tuned"]["value"]) * 100
+    return rob
+
+
 def _cost(metrics: list[dict], config: dict, train_result: dict | None, scores: dict, gain: float | None,
           missing: list[str]) -> dict:
     """Hours and USD of training and of each evaluation, cost per point gained, tokens and throughput."""
@@ -879,6 +902,8 @@ def build_summary(
     base_scores: dict | None,
     tuned_scores: dict | None,
     data_info: dict | None,
+    robustness_preds: dict | None = None,
+    robustness_scores: dict | None = None,
 ) -> dict:
     """Every figure of the report, with its definition, and the list of what could not be computed and why."""
     config = config or {}
@@ -910,6 +935,8 @@ def build_summary(
         "outliers": outliers,
         "outlier_stats": outlier_stats,
         "accuracy": acc,
+        "robustness": _robustness({"base": None, "tuned": None} | (robustness_preds or {}),
+                                  {"base": None, "tuned": None} | (robustness_scores or {}), acc["tuned"], missing),
         "evaluation": {name: {k: (scores[name] or {}).get(k) for k in ("split", "n", "shots", "max_new_tokens", "hardware")}
                        for name in ("base", "tuned")},
         "cost": cost_summary,

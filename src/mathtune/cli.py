@@ -61,14 +61,19 @@ def cmd_eval(args: argparse.Namespace) -> None:
         config.eval.limit = args.limit
     if args.max_new_tokens is not None:
         config.eval.max_new_tokens = args.max_new_tokens
+    if args.robustness is not None:
+        config.eval.robustness_size = args.robustness or config.eval.robustness_size or 50
     config.eval.check()
     shots = 0 if adapter else (config.eval.shots if args.shots is None else args.shots)
     dataset = data_module.load_dataset(config.data)
     announce_data(dataset)
     out = Path(args.out) if args.out else default_out
-    if args.split == "validation" and adapter is None:
+    if args.robustness is not None and not args.out:
+        out = out.with_name("robustness-tuned" if adapter else out.name + "-robustness")
+    elif args.split == "validation" and adapter is None:
         out = out.with_name(out.name + "-validation")
-    run_evaluation(config, dataset, out, base, adapter, shots)
+    run_evaluation(config, dataset, out, base, adapter, shots,
+                   robustness=config.eval.robustness_size if args.robustness is not None else 0)
     print(f"Predictions and scores: {out}/predictions.jsonl, {out}/scores.json")
 
 
@@ -113,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--limit", type=int, help="a fixed, seeded subset of N problems (same for every model)")
     evaluate.add_argument("--shots", type=int, help="worked examples for a base model (a tuned model gets none)")
     evaluate.add_argument("--max-new-tokens", type=int)
+    evaluate.add_argument("--robustness", type=int, nargs="?", const=0, metavar="N",
+                          help="evaluate on N fresh generated problems (seeds never trained on) instead; "
+                          "N defaults to eval.robustness_size, else 50")
     evaluate.add_argument("--out", help="output directory (default: RUN_DIR/eval/tuned, or runs/eval-MODEL)")
     evaluate.set_defaults(func=cmd_eval)
 

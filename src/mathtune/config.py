@@ -126,6 +126,7 @@ class EvalConfig:
     seed: int = 1234
     generate_every: int = 1  # exact match during training at every Nth evaluation (the Nth, 2Nth, ...); 0: never
     generate_subset: int = 20  # on a fixed, seeded subset of this many validation problems
+    robustness_size: int = 0  # N > 0: also evaluate on N fresh generated problems (seed data.synthetic_seed + 1000)
 
     def check(self) -> None:
         _one_of("eval.split", self.split, ["test", "validation"])
@@ -138,6 +139,8 @@ class EvalConfig:
         if self.generate_every < 0:
             raise ConfigError(f"eval.generate_every must be >= 0 (0 turns it off), got {self.generate_every}")
         _positive("eval.generate_subset", self.generate_subset)
+        if self.robustness_size < 0:
+            raise ConfigError(f"eval.robustness_size must be >= 0 (0 turns it off), got {self.robustness_size}")
 
 
 @dataclass

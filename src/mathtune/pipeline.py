@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from mathtune import data as data_module
+from mathtune import synthetic
 from mathtune.config import Config, load_config
 from mathtune.evaluate import choose_fewshot_examples, evaluate_problems
 from mathtune.models import ModelError, adapter_base_model, load_model, load_tokenizer
@@ -35,20 +36,33 @@ def evaluation_problems(config: Config, dataset: data_module.Dataset) -> tuple[l
     return data_module.seeded_subset(problems, config.eval.limit, config.eval.seed), train
 
 
+ROBUSTNESS_SEED_OFFSET = 1000  # data.load_synthetic uses synthetic_seed and synthetic_seed + 1
+
+
+def robustness_seed(config: Config) -> int:
+    """The seed of the fresh generated problems: neither the training nor the test seed of load_synthetic."""
+    return config.data.synthetic_seed + ROBUSTNESS_SEED_OFFSET
+
+
 def run_evaluation(
     config: Config, dataset: data_module.Dataset, out_dir: Path, model_name: str,
-    adapter: Path | None, shots: int,
+    adapter: Path | None, shots: int, robustness: int = 0,
 ) -> dict:
+    """Evaluate on the configured problems, or with robustness=N on N fresh generated problems instead."""
     problems, train = evaluation_problems(config, dataset)
+    split = config.eval.split
+    if robustness:
+        split = f"synthetic-{robustness_seed(config)}"
+        problems = synthetic.generate(robustness, robustness_seed(config))
     examples = choose_fewshot_examples(train, shots, config.eval.seed) if shots else None
     kind = f"{model_name} + adapter {adapter}" if adapter else model_name
-    print(f"Evaluating {kind} on {len(problems)} {config.eval.split} problems "
+    print(f"Evaluating {kind} on {len(problems)} {split} problems "
           f"({shots}-shot, greedy, up to {config.eval.max_new_tokens} new tokens)...", flush=True)
     model = load_model(model_name, config.model.dtype, config.model.revision, adapter=adapter)
     tokenizer = load_tokenizer(model_name, config.model.revision)
     scores = evaluate_problems(
         model, tokenizer, problems, out_dir, fewshot_examples=examples, model_label=model_name,
-        adapter=str(adapter) if adapter else None, split=config.eval.split,
+        adapter=str(adapter) if adapter else None, split=split,
         max_new_tokens=config.eval.max_new_tokens, batch_size=config.eval.batch_size,
     )
     strict = scores["strict"]
@@ -95,6 +109,10 @@ def run(config: Config, overwrite: bool = False) -> dict:
     if read_json(run_dir / "train_result.json") is None:
         train(config, resume=True)
     run_evaluation(config, dataset, run_dir / "eval" / "tuned", config.model.name, run_dir / "adapter", 0)
+    if config.eval.robustness_size:
+        for name, adapter, shots in (("base", None, config.eval.shots), ("tuned", run_dir / "adapter", 0)):
+            run_evaluation(config, dataset, run_dir / "eval" / f"robustness-{name}", config.model.name, adapter,
+                           shots, robustness=config.eval.robustness_size)
     summary = write_report(run_dir)
     print(f"Done in {(time.time() - started) / 60:.1f} min. Report: {run_dir / 'report.html'} "
           f"(also report.md, summary.json)", flush=True)

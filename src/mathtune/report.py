@@ -56,16 +56,16 @@ def source_problems(data_info: dict | None, ids: set[str]) -> dict[str, dict]:
     source = (data_info or {}).get("source")
     location = analysis.data_location(data_info)
     problems: list[dict] = []
-    if source == "synthetic":
-        last_index: dict[int, int] = {}
-        for problem_id in ids:
-            match = re.fullmatch(r"synthetic-(\d+)-(\d+)", problem_id)
-            if match:
-                seed, index = int(match.group(1)), int(match.group(2))
-                last_index[seed] = max(index, last_index.get(seed, 0))
-        for seed, index in last_index.items():
-            problems += synthetic.generate(index + 1, seed)
-    elif source == "gsm8k-local" and location and Path(location).is_dir():
+    # Generated ids name their seed, whatever the run's source (robustness problems come from a fresh seed).
+    last_index: dict[int, int] = {}
+    for problem_id in ids:
+        match = re.fullmatch(r"synthetic-(\d+)-(\d+)", problem_id)
+        if match:
+            seed, index = int(match.group(1)), int(match.group(2))
+            last_index[seed] = max(index, last_index.get(seed, 0))
+    for seed, index in last_index.items():
+        problems += synthetic.generate(index + 1, seed)
+    if source == "gsm8k-local" and location and Path(location).is_dir():
         for split in {i.rpartition("-")[0] for i in ids} & {"train", "test"}:
             path = Path(location) / f"{split}.jsonl"
             if path.exists():
@@ -79,10 +79,12 @@ def load_run(run_dir: Path) -> tuple[dict, list[str]]:
     notes: list[str] = []
     data_info = read_json(run_dir / "data.json")
     example_losses = read_jsonl(run_dir / "example_losses.jsonl")
-    preds = {name: read_jsonl(run_dir / "eval" / name / "predictions.jsonl") or None for name in ("base", "tuned")}
+    names = ("base", "tuned", "robustness-base", "robustness-tuned")
+    preds = {name: read_jsonl(run_dir / "eval" / name / "predictions.jsonl") or None for name in names}
+    scores = {name: read_json(run_dir / "eval" / name / "scores.json") for name in names}
     # Question text and gold steps: from the data source, then from any record that carries them.
     problems = source_problems(data_info, {r["id"] for r in example_losses if isinstance(r.get("id"), str)})
-    for record in example_losses + (preds["base"] or []) + (preds["tuned"] or []):
+    for record in example_losses + [r for name in names for r in preds[name] or []]:
         if isinstance(record.get("id"), str) and isinstance(record.get("question"), str):
             problems.setdefault(record["id"], {}).update(
                 {k: record[k] for k in ("question", "gold_steps") if record.get(k) is not None})
@@ -95,9 +97,11 @@ def load_run(run_dir: Path) -> tuple[dict, list[str]]:
         "train_result": read_json(run_dir / "train_result.json"),
         "base_preds": preds["base"],
         "tuned_preds": preds["tuned"],
-        "base_scores": read_json(run_dir / "eval" / "base" / "scores.json"),
-        "tuned_scores": read_json(run_dir / "eval" / "tuned" / "scores.json"),
+        "base_scores": scores["base"],
+        "tuned_scores": scores["tuned"],
         "data_info": data_info,
+        "robustness_preds": {name: preds[f"robustness-{name}"] for name in ("base", "tuned")},
+        "robustness_scores": {name: scores[f"robustness-{name}"] for name in ("base", "tuned")},
     }
     return inputs, notes
 
