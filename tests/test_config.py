@@ -17,7 +17,7 @@ def test_reference_preset_matches_the_reference_run():
 
 def test_every_preset_loads():
     for name in ("cpu-demo", "gemma-2b-gsm8k", "tiny"):
-        load_config(name)
+        assert load_config(name).name == name
 
 
 def test_overrides_are_typed_and_applied():

@@ -470,7 +470,7 @@ def price_key(hardware: str) -> str | None:
 def cost(hours: float, hardware: str | None, price_per_hour: float | None = None) -> dict:
     """USD for `hours` on `hardware`, at the given price or the table's default for that hardware.
 
-    A leading device count ("2x NVIDIA H100 ...", as train.hardware_name writes it) multiplies the
+    A leading device count ("2x NVIDIA H100 ...", as models.hardware_name writes it) multiplies the
     default price; a given price is taken as the price of the whole machine.
     """
     key = price_key(hardware) if hardware else None

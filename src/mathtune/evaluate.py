@@ -23,8 +23,8 @@ from mathtune.answers import (
     check_arithmetic, count_reasoning_steps, extract_answer, gold_answer, has_arithmetic_slip, is_correct,
 )
 from mathtune.data import fewshot_prompt, format_prompt, seeded_subset
+from mathtune.models import hardware_name
 from mathtune.runfiles import append_jsonl, read_json, read_jsonl, write_json
-from mathtune.train import hardware_name
 
 ANSWER_DONE = re.compile(r"####[^\n]*\d[^\n]*\n")  # a `#### N` line ended by a newline
 NEW_QUESTION = re.compile(r"\n+Question:")

@@ -21,8 +21,9 @@ from pathlib import Path
 import torch
 
 from mathtune import data as data_module
+from mathtune import evaluate as evaluation
 from mathtune.config import Config
-from mathtune.models import load_model, load_tokenizer, resolve_dtype
+from mathtune.models import hardware_name, load_model, load_tokenizer, resolve_dtype
 from mathtune.runfiles import append_jsonl, read_json, read_jsonl, write_json, write_text
 
 COUNTERS = "mathtune_counters.json"  # in each checkpoint: what restore_counters reads
@@ -79,12 +80,6 @@ def environment_info(config: Config) -> dict:
         "git_commit": commit,
         "command": sys.argv,
     }
-
-
-def hardware_name() -> str:
-    if torch.cuda.is_available():
-        return f"{torch.cuda.device_count()}x {torch.cuda.get_device_name(0)}"
-    return f"CPU ({os.cpu_count()} cores, {platform.processor() or platform.machine()})"
 
 
 # --- data ---------------------------------------------------------------------------------------
@@ -217,8 +212,6 @@ def make_trainer_class():
             Called in eval mode, where the decoding loop's use_cache=True holds although the Trainer
             turns the model's cache off for training. Each process answers its share of the problems.
             """
-            from mathtune import evaluate as evaluation  # here, not at the top: evaluate imports this module
-
             rank, world = self.accelerator.process_index, self.accelerator.num_processes
             mine = self.generation_problems[rank::world]
             start = time.perf_counter()
