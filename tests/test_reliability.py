@@ -280,15 +280,16 @@ def test_a_full_disk_is_a_clear_error_and_the_run_continues_after(tmp_path, gsm8
 def test_a_diverging_loss_stops_the_run_naming_the_step_and_the_last_good_checkpoint(
     tmp_path, gsm8k_dir, monkeypatch, capsys, factor, extra, problem
 ):
-    from trl import SFTTrainer
+    make_trainer_class = train_module.make_trainer_class
 
-    compute_loss = SFTTrainer.compute_loss
+    def blowing_up_trainer_class():
+        class BlowsUpAtStep4(make_trainer_class()):
+            def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+                loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+                return loss * factor if model.training and self.state.global_step >= 3 else loss
+        return BlowsUpAtStep4
 
-    def blows_up_at_step_4(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        loss = compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
-        return loss * factor if model.training and self.state.global_step >= 3 else loss
-
-    monkeypatch.setattr(SFTTrainer, "compute_loss", blows_up_at_step_4)
+    monkeypatch.setattr(train_module, "make_trainer_class", blowing_up_trainer_class)
     code = main(tiny_args(tmp_path, gsm8k_dir, "--set", "train.max_steps=6", "--set", "train.eval_steps=2",
                           "--set", "train.logging_steps=1", *extra))
     assert code == 2

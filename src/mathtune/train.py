@@ -23,7 +23,9 @@ import torch
 from mathtune import data as data_module
 from mathtune import evaluate as evaluation
 from mathtune.config import Config
+from mathtune.lm_loss import install_loss_head, supports_loss_head
 from mathtune.models import hardware_name, load_model, load_tokenizer, resolve_dtype
+from mathtune.packed_attention import use_packed_attention
 from mathtune.runfiles import append_jsonl, read_json, read_jsonl, write_json, write_text
 
 COUNTERS = "mathtune_counters.json"  # in each checkpoint: what restore_counters reads
@@ -139,11 +141,35 @@ def make_trainer_class():
             self.eval_config = eval_config
             self.loss_tokens_seen = 0
             self.generate_seconds = 0.0
+            causal_lm = self.model.get_base_model()
+            # Our LM head (mathtune.lm_loss) where it computes what the model's own would; TRL's otherwise.
+            self.loss_head = supports_loss_head(causal_lm)
+            if self.loss_head:
+                install_loss_head(causal_lm)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             if model.training:
                 self.loss_tokens_seen += int((inputs["labels"][:, 1:] != -100).sum())
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            if not self.loss_head:
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            outputs = model(**inputs, loss_head=True)
+            n_loss = outputs.mask.sum() if num_items_in_batch is None else num_items_in_batch
+            loss = outputs.losses.sum() / torch.as_tensor(n_loss).clamp(min=1)
+            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+                loss = loss * self.accelerator.num_processes  # as TRL: DDP averages what was already a global mean
+            self._log_step_metrics(outputs, inputs)
+            return (loss, outputs) if return_outputs else loss
+
+        def _log_step_metrics(self, outputs, inputs) -> None:
+            """The token accuracy and token count TRL's compute_loss logs (TRL's entropy is not computed)."""
+            mode = "train" if self.model.training else "eval"
+            n_valid = self.accelerator.gather_for_metrics(outputs.mask.sum()).sum()
+            n_correct = self.accelerator.gather_for_metrics(outputs.hits.sum()).sum()
+            self._metrics[mode]["mean_token_accuracy"].append((n_correct / n_valid).item() if n_valid > 0 else 0.0)
+            if mode == "train":  # padding-free rows hold no padding: every position is a token
+                self._total_train_tokens += int(self.accelerator.gather_for_metrics(
+                    torch.tensor(inputs["input_ids"].numel(), device=self.accelerator.device)).sum())
+            self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
 
         def loss_tokens_total(self) -> int:
             """Loss-bearing tokens seen so far by all processes (a collective: every process calls it)."""
@@ -235,10 +261,14 @@ def make_trainer_class():
         def _example_stats(self, examples: list[dict]) -> list[dict]:
             batch = self.data_collator([{"input_ids": e["input_ids"], "labels": e["labels"]} for e in examples])
             batch = self._prepare_inputs(batch)
-            outputs = self.model(**batch, fused_lm_head=True)
             # Per-token outputs are aligned with labels shifted by one; padding-free batches hold one
             # flattened row, so each example's tokens are a contiguous stretch of it.
-            log_probs, hits, mask = outputs.log_probs[0], outputs.is_top1[0], outputs.label_mask[0]
+            if self.loss_head:
+                outputs = self.model(**batch, loss_head=True)
+                losses, hits, mask = outputs.losses[0], outputs.hits[0], outputs.mask[0]
+            else:
+                outputs = self.model(**batch, fused_lm_head=True)
+                losses, hits, mask = -outputs.log_probs[0], outputs.is_top1[0], outputs.label_mask[0]
             rows, offset = [], 0
             for example in examples:
                 length = len(example["input_ids"])
@@ -246,7 +276,7 @@ def make_trainer_class():
                 n = int(mask[span].sum())
                 rows.append({
                     "id": example["id"], "n_tokens": n,
-                    "loss_sum": float(-log_probs[span].sum()), "correct": int(hits[span].sum()),
+                    "loss_sum": float(losses[span].sum()), "correct": int(hits[span].sum()),
                 })
                 offset += length
             return rows
@@ -416,7 +446,10 @@ def train(config: Config, overwrite: bool = False, resume: bool = False, merge: 
 
     dtype = resolve_dtype(config.model.dtype)
     model = load_model(config.model.name, config.model.dtype, config.model.revision)
+    use_packed_attention(model)  # padding-free rows: attention one example at a time
     model.train()
+    if not torch.cuda.is_available() and state.num_processes > 1 and "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // state.num_processes))  # no oversubscribed cores
 
     from transformers import EarlyStoppingCallback
 
@@ -468,6 +501,7 @@ def train(config: Config, overwrite: bool = False, resume: bool = False, merge: 
         "dropped_too_long": dropped_train + dropped_val,
         "resumed_from": str(checkpoint) if checkpoint else None,
     }
+    trainer.model.get_base_model().set_attn_implementation("sdpa")  # what a saved or merged model declares
     if trainer.accelerator.is_main_process:
         save_adapter(trainer, run_dir / "adapter")
         if merge:

@@ -1,0 +1,65 @@
+"""Attention for padding-free batches, one example at a time.
+
+A padding-free batch is one row holding several examples end to end, their position ids starting
+again at 0 for each. transformers' SDPA path gives such a row one block-diagonal mask and computes
+attention over the whole row: for four examples of 220 tokens, 16 times the products that matter
+(four times for the blocks between examples, twice for the masked upper triangles), and the
+explicit mask keeps SDPA's causal kernel from skipping any of them. Here each example's stretch goes
+to SDPA alone with is_causal=True. The flash-attention varlen kernels do this on GPUs; this is the
+same for any device. Anything that is not a packed training row (generation, cached decoding,
+ordinary padded batches) takes transformers' SDPA function unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+NAME = "mathtune_packed_sdpa"
+
+
+def example_starts(position_ids: torch.Tensor | None, length: int) -> list[int] | None:
+    """Where each example of a packed row starts, or None when the row is not several examples counted from 0."""
+    if position_ids is None or position_ids.dim() != 2 or position_ids.shape != (1, length):
+        return None
+    positions = position_ids[0]
+    starts = torch.nonzero(positions == 0).flatten()
+    if len(starts) < 2 or starts[0] != 0:
+        return None
+    example_index = torch.cumsum(positions == 0, dim=0) - 1
+    expected = torch.arange(length, device=positions.device) - starts[example_index]
+    return starts.tolist() if torch.equal(expected, positions) else None
+
+
+def packed_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
+                          sliding_window=None, **kwargs):
+    """transformers' attention-function signature; query/key/value are [batch, heads, length, head_dim]."""
+    length = query.shape[2]
+    starts = example_starts(kwargs.get("position_ids"), length) if key.shape[2] == length else None
+    needs_mask = sliding_window is not None and starts is not None and any(
+        end - start > sliding_window for start, end in zip(starts, starts[1:] + [length]))
+    if starts is None or (needs_mask and attention_mask is None):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      sliding_window=sliding_window, **kwargs)
+    groups = getattr(module, "num_key_value_groups", 1)
+    key, value = repeat_kv(key, groups), repeat_kv(value, groups)
+    outputs = []
+    for start, end in zip(starts, starts[1:] + [length]):
+        span = slice(start, end)
+        # An example longer than the sliding window keeps its slice of the model's own mask.
+        within_window = sliding_window is None or end - start <= sliding_window
+        outputs.append(torch.nn.functional.scaled_dot_product_attention(
+            query[:, :, span], key[:, :, span], value[:, :, span],
+            attn_mask=None if within_window else attention_mask[:, :, span, span],
+            dropout_p=dropout, scale=scaling, is_causal=within_window,
+        ))
+    return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None
+
+
+def use_packed_attention(model) -> None:
+    """Switch a model from SDPA to per-example SDPA (masks are built as for SDPA)."""
+    AttentionInterface.register(NAME, packed_sdpa_attention)
+    AttentionMaskInterface.register(NAME, sdpa_mask)
+    model.set_attn_implementation(NAME)

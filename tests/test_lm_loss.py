@@ -1,0 +1,78 @@
+"""The loss-positions LM head computes exactly what full logits and cross-entropy compute."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mathtune.lm_loss import LinearCrossEntropy, install_loss_head, loss_positions_head, supports_loss_head
+from mathtune.models import TINY_RANDOM, load_model
+
+
+def reference(hidden, weight, targets, softcap=None):
+    logits = hidden @ weight.t()
+    if softcap:
+        logits = softcap * torch.tanh(logits / softcap)
+    return F.cross_entropy(logits, targets, reduction="none"), logits.argmax(-1) == targets
+
+
+@pytest.mark.parametrize("softcap", [None, 3.0])
+@pytest.mark.parametrize("chunk_tokens", [1, 2, 64])
+def test_losses_hits_and_gradient_match_full_logits(softcap, chunk_tokens):
+    torch.manual_seed(0)
+    hidden = torch.randn(5, 4, dtype=torch.float64)
+    weight = torch.randn(7, 4, dtype=torch.float64)
+    targets = torch.tensor([0, 6, 3, 3, 1])
+    scale = torch.tensor([1.0, 0.5, 2.0, 0.0, -1.0], dtype=torch.float64)  # per-position gradient weights
+
+    ours_hidden = hidden.clone().requires_grad_()
+    losses, hits = LinearCrossEntropy.apply(ours_hidden, weight, targets, softcap, chunk_tokens)
+    (losses.double() * scale).sum().backward()
+
+    ref_hidden = hidden.clone().requires_grad_()
+    ref_losses, ref_hits = reference(ref_hidden, weight, targets, softcap)
+    (ref_losses * scale).sum().backward()
+
+    torch.testing.assert_close(losses.double(), ref_losses.detach(), rtol=1e-6, atol=1e-6)
+    assert hits.tolist() == ref_hits.tolist()
+    torch.testing.assert_close(ours_hidden.grad, ref_hidden.grad, rtol=1e-6, atol=1e-6)
+
+
+def test_a_tie_with_an_earlier_word_is_not_a_hit():
+    weight = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])  # words 0 and 1 always tie
+    hidden = torch.tensor([[2.0, 0.0], [2.0, 0.0]])
+    _, hits = LinearCrossEntropy.apply(hidden, weight, torch.tensor([0, 1]), None, 8)
+    assert hits.tolist() == [True, False]
+
+
+def test_the_head_weight_must_be_frozen():
+    weight = torch.randn(3, 2, requires_grad=True)
+    with pytest.raises(ValueError, match="frozen"):
+        LinearCrossEntropy.apply(torch.randn(2, 2), weight, torch.tensor([0, 1]), None, 8)
+
+
+def test_only_loss_bearing_positions_are_scored():
+    torch.manual_seed(1)
+    head = torch.nn.Linear(4, 9, bias=False).requires_grad_(False)
+    hidden = torch.randn(2, 5, 4)
+    labels = torch.tensor([[-100, -100, 3, 4, 8], [-100, 2, -100, 0, 1]])
+    out = loss_positions_head(hidden, labels, head, chunk_tokens=2)
+    assert out.mask.tolist() == [[False, True, True, True], [True, False, True, True]]
+    full_losses = F.cross_entropy(head(hidden[:, :-1]).transpose(1, 2), labels[:, 1:], reduction="none")
+    torch.testing.assert_close(out.losses, full_losses * out.mask)
+    assert not out.hits[~out.mask].any()
+
+
+def test_installed_head_gives_the_models_own_loss():
+    model = load_model(TINY_RANDOM, "float32")
+    assert not supports_loss_head(model)  # a trainable head is left to the model's own forward
+    model.requires_grad_(False)  # as LoRA leaves it
+    assert supports_loss_head(model)
+    install_loss_head(model)
+    torch.manual_seed(2)
+    input_ids = torch.randint(3, 90, (2, 12))
+    labels = input_ids.clone()
+    labels[:, :5] = -100
+    expected = model(input_ids=input_ids, labels=labels).loss
+    out = model(input_ids=input_ids, labels=labels, loss_head=True)
+    torch.testing.assert_close(out.losses.sum() / out.mask.sum(), expected, rtol=1e-5, atol=1e-6)
+    assert model(input_ids=input_ids).logits.shape == (2, 12, model.config.vocab_size)  # other calls unchanged

@@ -1,0 +1,54 @@
+"""Per-example attention over a padding-free row gives each example what it gets alone."""
+
+import pytest
+import torch
+from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+from mathtune.packed_attention import example_starts, use_packed_attention
+
+
+@pytest.mark.parametrize("positions, expected", [
+    ([[0, 1, 2, 0, 1]], [0, 3]),
+    ([[0, 1, 0, 0, 1, 2]], [0, 2, 3]),
+    ([[0, 1, 2, 3]], None),  # one example: nothing to split
+    ([[1, 2, 0, 1]], None),  # does not start at 0
+    ([[0, 1, 3, 0, 1]], None),  # a gap: not a packed row
+])
+def test_example_starts(positions, expected):
+    ids = torch.tensor(positions)
+    assert example_starts(ids, ids.shape[1]) == expected
+
+
+def test_example_starts_needs_one_row():
+    assert example_starts(torch.tensor([[0, 1, 0], [0, 1, 0]]), 3) is None
+    assert example_starts(None, 3) is None
+
+
+def tiny_model(sliding_window: int) -> Gemma3ForCausalLM:
+    config = Gemma3TextConfig(
+        vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=16, sliding_window=sliding_window,
+        layer_types=["sliding_attention", "full_attention"], attn_implementation="sdpa",
+    )
+    torch.manual_seed(0)
+    return Gemma3ForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("sliding_window", [512, 4])  # 4: the 7-token example needs its window mask
+def test_packed_row_matches_examples_alone(sliding_window):
+    model = tiny_model(sliding_window)
+    examples = [torch.randint(0, 50, (n,)) for n in (5, 7, 3)]
+    alone = [model(input_ids=e.unsqueeze(0)).logits[0] for e in examples]
+    use_packed_attention(model)
+    row = torch.cat(examples).unsqueeze(0)
+    positions = torch.cat([torch.arange(len(e)) for e in examples]).unsqueeze(0)
+    packed = model(input_ids=row, position_ids=positions).logits[0]
+    torch.testing.assert_close(packed, torch.cat(alone), rtol=1e-5, atol=1e-5)
+
+
+def test_generation_is_unchanged():
+    model = tiny_model(512)
+    prompt = torch.randint(0, 50, (2, 6))
+    expected = model.generate(prompt, max_new_tokens=5, do_sample=False)
+    use_packed_attention(model)
+    assert torch.equal(model.generate(prompt, max_new_tokens=5, do_sample=False), expected)
