@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 DATA ?= $(wildcard ../shared/data/gsm8k)
 DATA_ENV := $(if $(DATA),MATHTUNE_DATA=$(abspath $(DATA)),)
 
-.PHONY: install demo test bench-eval clean
+.PHONY: install demo test bench bench-eval clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -22,6 +22,10 @@ demo: install
 
 test: install
 	$(DATA_ENV) $(PY) -m pytest -q -ra
+
+# Training speed and memory against TRL's documented setup (about 20 minutes on 2 CPU cores).
+bench: install
+	$(DATA_ENV) $(PY) bench/bench_train.py
 
 bench-eval: install
 	$(DATA_ENV) $(PY) bench/bench_eval.py

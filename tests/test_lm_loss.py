@@ -16,8 +16,8 @@ def reference(hidden, weight, targets, softcap=None):
 
 
 @pytest.mark.parametrize("softcap", [None, 3.0])
-@pytest.mark.parametrize("chunk_tokens", [1, 2, 64])
-def test_losses_hits_and_gradient_match_full_logits(softcap, chunk_tokens):
+@pytest.mark.parametrize("vocab_slice", [1, 3, 64])
+def test_losses_hits_and_gradient_match_full_logits(softcap, vocab_slice):
     torch.manual_seed(0)
     hidden = torch.randn(5, 4, dtype=torch.float64)
     weight = torch.randn(7, 4, dtype=torch.float64)
@@ -25,7 +25,7 @@ def test_losses_hits_and_gradient_match_full_logits(softcap, chunk_tokens):
     scale = torch.tensor([1.0, 0.5, 2.0, 0.0, -1.0], dtype=torch.float64)  # per-position gradient weights
 
     ours_hidden = hidden.clone().requires_grad_()
-    losses, hits = LinearCrossEntropy.apply(ours_hidden, weight, targets, softcap, chunk_tokens)
+    losses, hits = LinearCrossEntropy.apply(ours_hidden, weight, targets, softcap, vocab_slice)
     (losses.double() * scale).sum().backward()
 
     ref_hidden = hidden.clone().requires_grad_()
@@ -38,10 +38,11 @@ def test_losses_hits_and_gradient_match_full_logits(softcap, chunk_tokens):
 
 
 def test_a_tie_with_an_earlier_word_is_not_a_hit():
-    weight = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])  # words 0 and 1 always tie
+    weight = torch.tensor([[0.0, 1.0], [1.0, 0.0], [1.0, 0.0]])  # words 1 and 2 always tie
     hidden = torch.tensor([[2.0, 0.0], [2.0, 0.0]])
-    _, hits = LinearCrossEntropy.apply(hidden, weight, torch.tensor([0, 1]), None, 8)
-    assert hits.tolist() == [True, False]
+    for vocab_slice in (1, 2, 8):  # the tie within a slice and across slices
+        _, hits = LinearCrossEntropy.apply(hidden, weight, torch.tensor([1, 2]), None, vocab_slice)
+        assert hits.tolist() == [True, False]
 
 
 def test_the_head_weight_must_be_frozen():
@@ -55,7 +56,7 @@ def test_only_loss_bearing_positions_are_scored():
     head = torch.nn.Linear(4, 9, bias=False).requires_grad_(False)
     hidden = torch.randn(2, 5, 4)
     labels = torch.tensor([[-100, -100, 3, 4, 8], [-100, 2, -100, 0, 1]])
-    out = loss_positions_head(hidden, labels, head, chunk_tokens=2)
+    out = loss_positions_head(hidden, labels, head, vocab_slice=2)
     assert out.mask.tolist() == [[False, True, True, True], [True, False, True, True]]
     full_losses = F.cross_entropy(head(hidden[:, :-1]).transpose(1, 2), labels[:, 1:], reduction="none")
     torch.testing.assert_close(out.losses, full_losses * out.mask)

@@ -137,3 +137,21 @@ def test_validation_examples_dropped_as_too_long_do_not_shift_the_ids(tmp_path, 
     assert dropped and len(dropped) < len(validation_ids), "the case needs some, not all, validation problems dropped"
     rows = read_jsonl(config.run_dir / "example_losses.jsonl")
     assert [r["id"] for r in rows] == [i for i in validation_ids if i not in dropped]
+
+
+def test_our_lm_head_trains_as_trls_does(tmp_path, gsm8k_dir, monkeypatch):
+    """The loss-positions head and per-example attention change the speed, not the run: with dropout
+    off, the losses logged step by step and the validation losses match TRL's own head and SDPA's mask."""
+    from mathtune import train as train_module
+
+    settings = ["lora.dropout=0.0", "train.max_steps=4", "train.eval_steps=2", "train.logging_steps=1"]
+    fast = train(tiny_config(tmp_path / "fast", gsm8k_dir, *settings))
+    monkeypatch.setattr(train_module, "supports_loss_head", lambda model: False)
+    monkeypatch.setattr(train_module, "use_packed_attention", lambda model: None)
+    plain = train(tiny_config(tmp_path / "plain", gsm8k_dir, *settings))
+    assert fast["train_tokens"] == plain["train_tokens"] and fast["train_loss_tokens"] == plain["train_loss_tokens"]
+    for key in ("loss", "eval_loss", "mean_token_accuracy", "eval_mean_token_accuracy"):
+        ours = [m[key] for m in read_jsonl(tmp_path / "fast/tiny/metrics.jsonl") if key in m]
+        trls = [m[key] for m in read_jsonl(tmp_path / "plain/tiny/metrics.jsonl") if key in m]
+        assert len(ours) == len(trls) >= 2
+        assert ours == pytest.approx(trls, rel=1e-4, abs=1e-5), key

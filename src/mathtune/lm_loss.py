@@ -1,4 +1,4 @@
-"""Cross-entropy through the LM head on the loss-bearing positions only, in token chunks.
+"""Cross-entropy through the LM head on the loss-bearing positions only, without full logits.
 
 Gemma's 262,144-word vocabulary makes the LM head the largest single cost of a training step: its
 matrix product costs more than the 18 transformer layers of Gemma 3 270M together, and the float32
@@ -6,15 +6,17 @@ logits of a 4 x 256 batch take about 1 GB. Three things here cut that cost witho
 
 - only positions whose next token carries loss (the solution, not the question or padding) go
   through the head; the others' logits are never used;
-- positions go through in chunks, so at most [chunk, vocab] logits exist at a time;
-- the gradient with respect to the hidden states is computed in the forward pass, chunk by chunk,
-  while the chunk's logits are at hand (as Liger's fused linear cross-entropy does), so the backward
-  pass neither keeps nor recomputes logits: two matrix products per position in all.
+- the vocabulary goes through in slices of a few thousand words, with the softmax normaliser kept
+  as a running maximum and sum (the online softmax of flash attention), so no more than a
+  [positions, slice] tile of logits exists at a time and it stays in the CPU's cache;
+- the gradient with respect to the hidden states, softmax(logits) @ weight - weight[target], is
+  summed slice by slice in the same pass (rescaled whenever the running maximum moves), so the
+  backward pass neither keeps nor recomputes logits: two matrix products per position in all.
 
-TRL's own fused head (trl.kernels.chunked_logprob) does the first only on Triton devices, recomputes
-the logits in the backward pass, and computes entropy and top-1 flags with extra passes over the
-vocabulary; on a CPU that costs more than the matrix products themselves. The function below
-returns what we use: each position's loss and whether its target is the arg-max (token accuracy).
+TRL's own fused head (trl.kernels.chunked_logprob) scores every position on devices without
+Triton, recomputes the logits in the backward pass, and computes entropy with extra passes over the
+vocabulary. The function below returns what we use: each position's loss and whether its target is
+the arg-max (token accuracy). bench/profile_step.py times both.
 """
 
 from __future__ import annotations
@@ -24,8 +26,8 @@ from dataclasses import dataclass
 
 import torch
 
-# Positions per chunk: a [262144, 128] float32 logits tile is 128 MiB.
-CHUNK_TOKENS = 128
+VOCAB_SLICE = 4096  # words per slice: a [1024, 4096] float32 tile is 16 MiB
+TOKEN_CHUNK = 1024  # positions per pass over the vocabulary
 
 
 class LinearCrossEntropy(torch.autograd.Function):
@@ -36,41 +38,21 @@ class LinearCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, softcap, chunk_tokens):
+    def forward(ctx, hidden, weight, targets, softcap, vocab_slice):
         if ctx.needs_input_grad[1]:
             raise ValueError("LinearCrossEntropy keeps the LM head frozen; its weight must not require grad")
-        n = hidden.shape[0]
-        losses = torch.empty(n, dtype=torch.float32, device=hidden.device)
-        hits = torch.empty(n, dtype=torch.bool, device=hidden.device)
-        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
-        for start in range(0, n, chunk_tokens):
-            rows = slice(start, min(start + chunk_tokens, n))
-            target = targets[rows]
-            columns = torch.arange(len(target), device=target.device)
-            # Logits as [vocab, chunk]: weight @ hidden.T runs faster than hidden @ weight.T on CPUs
-            # (bench/profile_step.py), and the reductions below run across the vocabulary either way.
-            logits = (weight @ hidden[rows].t()).float()
-            if softcap:
-                logits = torch.tanh(logits / softcap)
-                squash_slope = 1 - logits * logits  # d tanh(x) / dx, for the gradient below
-                logits = logits * softcap
-            target_logit = logits[target, columns]
-            # max returns the first maximum, so a tie with an earlier word is not a hit
-            top, top_word = logits.max(dim=0)
-            probs = logits.sub_(top).exp_()  # unnormalised, in place of the logits
-            total = probs.sum(dim=0)
-            losses[rows] = top + total.log() - target_logit
-            hits[rows] = top_word == target
-            if grad_hidden is None:
-                continue
-            grad_logits = probs.mul_(total.reciprocal())  # d loss / d logits = softmax - one-hot
-            grad_logits[target, columns] -= 1
-            if softcap:
-                grad_logits.mul_(squash_slope)
-            grad_hidden[rows] = grad_logits.t().to(weight.dtype) @ weight
-        ctx.save_for_backward(grad_hidden)
+        wants_grad = ctx.needs_input_grad[0]
+        losses, hits, grads = [], [], []
+        for start in range(0, hidden.shape[0], TOKEN_CHUNK):
+            loss, hit, grad = _chunk(hidden[start : start + TOKEN_CHUNK], weight, targets[start : start + TOKEN_CHUNK],
+                                     softcap, vocab_slice, wants_grad)
+            losses.append(loss)
+            hits.append(hit)
+            grads.append(grad)
+        ctx.save_for_backward(torch.cat(grads) if wants_grad else None)
+        hits = torch.cat(hits)
         ctx.mark_non_differentiable(hits)
-        return losses, hits
+        return torch.cat(losses), hits
 
     @staticmethod
     def backward(ctx, grad_losses, _grad_hits):
@@ -78,6 +60,46 @@ class LinearCrossEntropy(torch.autograd.Function):
         if grad_losses is None or grad_hidden is None:
             return None, None, None, None, None
         return grad_hidden * grad_losses.unsqueeze(1).to(grad_hidden.dtype), None, None, None, None
+
+
+def _squash(logits: torch.Tensor, softcap: float | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Gemma 2's final logit soft-capping, cap * tanh(x / cap), and its slope; the identity without a cap."""
+    if not softcap:
+        return logits, None
+    squashed = torch.tanh(logits / softcap)
+    return squashed * softcap, 1 - squashed * squashed
+
+
+def _chunk(hidden, weight, targets, softcap, vocab_slice, wants_grad):
+    """Losses, hits and d(loss)/d(hidden) for up to TOKEN_CHUNK positions, in one pass over the vocabulary."""
+    n, device = hidden.shape[0], hidden.device
+    exact = torch.promote_types(hidden.dtype, torch.float32)  # the softmax in float32 at least
+    running_max = torch.full((n,), float("-inf"), dtype=exact, device=device)
+    total = torch.zeros(n, dtype=exact, device=device)  # sum of exp(logit - running_max)
+    best = torch.zeros(n, dtype=torch.long, device=device)
+    weighted = torch.zeros(n, hidden.shape[1], dtype=exact, device=device) if wants_grad else None
+    for start in range(0, weight.shape[0], vocab_slice):
+        words = weight[start : start + vocab_slice]
+        logits, slope = _squash((hidden @ words.t()).to(exact), softcap)
+        slice_max, slice_best = logits.max(dim=1)  # the first maximum, so a later tie is not a hit
+        best = torch.where(slice_max > running_max, slice_best + start, best)
+        new_max = torch.maximum(running_max, slice_max)
+        rescale = torch.exp(running_max - new_max)
+        probs = logits.sub_(new_max.unsqueeze(1)).exp_()  # unnormalised, in place of the logits
+        total = total * rescale + probs.sum(dim=1)
+        if wants_grad:
+            if slope is not None:
+                probs.mul_(slope)
+            weighted.mul_(rescale.unsqueeze(1)).addmm_(probs, words.to(exact))
+        running_max = new_max
+    target_words = weight[targets]
+    target_logit, target_slope = _squash((hidden * target_words).sum(dim=1).to(exact), softcap)
+    losses = running_max + total.log() - target_logit
+    if not wants_grad:
+        return losses, best == targets, None
+    target_term = target_words if target_slope is None else target_words * target_slope.unsqueeze(1)
+    grad = weighted / total.unsqueeze(1) - target_term
+    return losses, best == targets, grad.to(hidden.dtype)
 
 
 @dataclass
@@ -90,11 +112,11 @@ class HeadOutput:
 
 
 def loss_positions_head(hidden: torch.Tensor, labels: torch.Tensor, lm_head: torch.nn.Module,
-                        softcap: float | None = None, chunk_tokens: int = CHUNK_TOKENS) -> HeadOutput:
+                        softcap: float | None = None, vocab_slice: int = VOCAB_SLICE) -> HeadOutput:
     """The LM head and cross-entropy for the positions whose next-token label is not -100."""
     hidden, labels = hidden[:, :-1], labels[:, 1:]
     mask = labels != -100
-    losses, hits = LinearCrossEntropy.apply(hidden[mask], lm_head.weight, labels[mask], softcap, chunk_tokens)
+    losses, hits = LinearCrossEntropy.apply(hidden[mask], lm_head.weight, labels[mask], softcap, vocab_slice)
     # masked_scatter keeps the graph connected even when no position carries loss
     return HeadOutput(
         losses=losses.new_zeros(mask.shape).masked_scatter(mask, losses),

@@ -23,6 +23,7 @@ import torch
 from mathtune import data as data_module
 from mathtune import evaluate as evaluation
 from mathtune.config import Config
+from mathtune.dropout import use_uniform_dropout
 from mathtune.lm_loss import install_loss_head, supports_loss_head
 from mathtune.models import hardware_name, load_model, load_tokenizer, resolve_dtype
 from mathtune.packed_attention import use_packed_attention
@@ -141,11 +142,13 @@ def make_trainer_class():
             self.eval_config = eval_config
             self.loss_tokens_seen = 0
             self.generate_seconds = 0.0
+            self.eval_seconds = 0.0  # validation passes and exact match: part of the Trainer's train_runtime
             causal_lm = self.model.get_base_model()
             # Our LM head (mathtune.lm_loss) where it computes what the model's own would; TRL's otherwise.
             self.loss_head = supports_loss_head(causal_lm)
             if self.loss_head:
                 install_loss_head(causal_lm)
+            use_uniform_dropout(self.model)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             if model.training:
@@ -184,7 +187,7 @@ def make_trainer_class():
         def _save_checkpoint(self, model, trial):
             """Also keep the counters the Trainer does not, before it writes trainer_state.json (its last file)."""
             counters = {"loss_tokens": self.loss_tokens_total(), "train_tokens": self._total_train_tokens,
-                        "generate_s": self.generate_seconds}
+                        "generate_s": self.generate_seconds, "eval_s": self.eval_seconds}
             if self.args.should_save:
                 write_json(Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}" / COUNTERS, counters)
             super()._save_checkpoint(model, trial)
@@ -195,9 +198,11 @@ def make_trainer_class():
             self.loss_tokens_seen = saved.get("loss_tokens", 0) if self.accelerator.is_main_process else 0
             self._total_train_tokens = saved.get("train_tokens", 0)
             self.generate_seconds = saved.get("generate_s", 0.0)
+            self.eval_seconds = saved.get("eval_s", 0.0)
 
         def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
             """Token-weighted validation loss and accuracy, and each example's own, in one pass; exact match when due."""
+            started = time.perf_counter()
             was_training = self.model.training
             self.model.eval()
             rank, world = self.accelerator.process_index, self.accelerator.num_processes
@@ -226,6 +231,7 @@ def make_trainer_class():
             every = self.eval_config.generate_every
             if every and (self.state.global_step // self.args.eval_steps) % every == 0:  # by step: resume-proof
                 metrics.update(self._exact_match(metric_key_prefix))
+            self.eval_seconds += time.perf_counter() - started
             self.log(metrics)
             self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
             if was_training:
@@ -451,7 +457,9 @@ def train(config: Config, overwrite: bool = False, resume: bool = False, merge: 
     if not torch.cuda.is_available() and state.num_processes > 1 and "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // state.num_processes))  # no oversubscribed cores
 
-    from transformers import EarlyStoppingCallback
+    from transformers import EarlyStoppingCallback, set_seed
+
+    set_seed(config.train.seed)  # the LoRA weights' starting values, before SFTTrainer wraps the model
 
     start = time.time() - (logged[-1]["elapsed_s"] if logged else 0)  # a resumed run's clock goes on
     callbacks = make_callbacks(run_dir, start, config.train.divergence_factor, logged)
@@ -494,7 +502,8 @@ def train(config: Config, overwrite: bool = False, resume: bool = False, merge: 
         "train_loss_tokens": trainer.loss_tokens_total(),
         "tokens_per_s": round(trainer._total_train_tokens / elapsed, 2) if elapsed else None,
         "train_runtime_s": result.metrics.get("train_runtime"),
-        "generate_s": round(trainer.generate_seconds, 1),  # exact match at evaluations, part of wall_clock_s
+        "eval_s": round(trainer.eval_seconds, 1),  # evaluations during training, part of train_runtime_s
+        "generate_s": round(trainer.generate_seconds, 1),  # exact match at evaluations, part of eval_s
         "hardware": hardware_name(),
         "num_processes": state.num_processes,
         "dtype": str(dtype).removeprefix("torch."),
