@@ -1,9 +1,9 @@
-"""Where the time of one LoRA training step goes, part by part, on the packaged Gemma 3 270M.
+"""Where the time of one LoRA training step goes, on the packaged Gemma 3 270M.
 
-One batch of GSM8K training problems (prompt masked, as `mathtune train` builds them) goes through
-the decoder and the LM head, forward and backward, in the ways a step can be run: padded or packed
-(padding-free) batches, with or without gradient checkpointing, TRL's fused LM head over every
-position or ours over the loss-bearing positions only. Each line gives the median of --repeats runs.
+One batch of GSM8K training problems (prompt masked, as `mathtune train` builds them) goes forward
+and backward through the LoRA model, first as TRL's documented setup runs it, then with each of
+mathtune's changes added in turn, so each line shows what one change buys. Then the parts of the
+final step on their own. Each time is the median of --repeats runs after one warm-up.
 
     PYTHONPATH=src .venv/bin/python bench/profile_step.py --batch 4
 """
@@ -20,8 +20,10 @@ import torch
 
 from mathtune.config import LoraConfig
 from mathtune.data import read_problems, seeded_subset, tokenize_example
+from mathtune.dropout import use_uniform_dropout
 from mathtune.lm_loss import loss_positions_head
 from mathtune.models import PACKAGED_GEMMA, load_model, load_tokenizer, resolve_dtype
+from mathtune.packed_attention import NAME as PACKED_ATTENTION, use_packed_attention
 
 DATA = Path(os.environ.get("MATHTUNE_DATA") or Path(__file__).resolve().parents[1].parent / "shared/data/gsm8k")
 
@@ -37,18 +39,18 @@ def median_seconds(run, repeats: int) -> float:
 
 
 def padded_batch(examples: list[dict], pad_id: int) -> dict:
+    """Right-padded rows with an attention mask, as TRL's default collator builds them."""
     width = max(len(e["input_ids"]) for e in examples)
-    def pad(seq, value):
-        return seq + [value] * (width - len(seq))
     return {
-        "input_ids": torch.tensor([pad(e["input_ids"], pad_id) for e in examples]),
-        "attention_mask": torch.tensor([pad([1] * len(e["input_ids"]), 0) for e in examples]),
-        "labels": torch.tensor([pad(e["labels"], -100) for e in examples]),
+        "input_ids": torch.tensor([e["input_ids"] + [pad_id] * (width - len(e["input_ids"])) for e in examples]),
+        "attention_mask": torch.tensor([[1] * len(e["input_ids"]) + [0] * (width - len(e["input_ids"]))
+                                        for e in examples]),
+        "labels": torch.tensor([e["labels"] + [-100] * (width - len(e["labels"])) for e in examples]),
     }
 
 
 def packed_batch(examples: list[dict]) -> dict:
-    """One row, each example's positions starting at 0: the decoder masks attention across examples."""
+    """One row, each example's positions counted from 0, as the padding-free collator builds it."""
     return {
         "input_ids": torch.tensor([sum((e["input_ids"] for e in examples), [])]),
         "position_ids": torch.tensor([sum((list(range(len(e["input_ids"]))) for e in examples), [])]),
@@ -59,7 +61,7 @@ def packed_batch(examples: list[dict]) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--model", default=PACKAGED_GEMMA)
     args = parser.parse_args()
 
@@ -78,66 +80,68 @@ def main() -> None:
     causal_lm = model.get_base_model()
     decoder, head = causal_lm.get_decoder(), causal_lm.get_output_embeddings()
     padded, packed = padded_batch(examples, tokenizer.pad_token_id), packed_batch(examples)
-    n_real = sum(len(e["input_ids"]) for e in examples)
+    n_tokens = sum(len(e["input_ids"]) for e in examples)
     n_loss = int((packed["labels"][:, 1:] != -100).sum())
-    print(f"model {args.model} dtype {resolve_dtype('auto')}, threads {torch.get_num_threads()}; batch of "
-          f"{args.batch}: {n_real} tokens ({padded['input_ids'].numel()} padded), {n_loss} loss-bearing")
+    print(f"model {args.model}, dtype {str(resolve_dtype('auto')).removeprefix('torch.')}, "
+          f"{torch.get_num_threads()} threads; {args.batch} problems: {n_tokens} tokens "
+          f"({padded['input_ids'].numel()} with padding), {n_loss} loss-bearing")
 
-    def decoder_forward(batch):
-        inputs = {k: v for k, v in batch.items() if k != "labels"}
-        return decoder(**inputs, use_cache=False).last_hidden_state
+    def trl_head(batch):
+        return -model(**batch, fused_lm_head=True).log_probs.sum()
 
-    def ours(batch):
-        return loss_positions_head(decoder_forward(batch), batch["labels"], head)
+    def our_head(batch):
+        hidden = decoder(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False).last_hidden_state
+        return loss_positions_head(hidden, batch["labels"], head).losses.sum()
 
-    def trls(batch):
-        return model(**batch, fused_lm_head=True)
-
-    def step(forward, batch, checkpointing=False):
+    def step(loss_of, batch, checkpointing=False, attention="sdpa"):
         def run():
+            causal_lm.set_attn_implementation(attention)
             if checkpointing:
                 model.gradient_checkpointing_enable({"use_reentrant": False})
-            out = forward(batch)
-            loss = out.losses.sum() if hasattr(out, "losses") else -out.log_probs.sum()
-            loss.backward()
+            loss_of(batch).backward()
             if checkpointing:
                 model.gradient_checkpointing_disable()
+            model.zero_grad(set_to_none=True)
         return run
 
-    rows = [
-        ("decoder forward, padded", lambda: decoder_forward(padded)),
-        ("decoder forward, packed", lambda: decoder_forward(packed)),
-        ("decoder forward+backward, packed", lambda: decoder_forward(packed).sum().backward()),
-        ("TRL head forward, all padded positions",
-         lambda: trls(padded) if False else None),  # replaced below: needs hidden states, timed through the model
-        ("step: TRL head, padded, checkpointing (TRL defaults)", step(trls, padded, checkpointing=True)),
-        ("step: TRL head, padded", step(trls, padded)),
-        ("step: TRL head, packed", step(trls, packed)),
-        ("step: our head, packed", step(ours, packed)),
-        ("step: our head, padded", step(ours, padded)),
-    ]
-    hidden = decoder_forward(packed).detach()
-    labels = packed["labels"]
-    flat = hidden[:, :-1].reshape(-1, hidden.shape[-1]).requires_grad_()
+    def show(label, run):
+        seconds = median_seconds(run, args.repeats)
+        print(f"{label:64s} {seconds:7.2f} s  {n_tokens / seconds:7.1f} tokens/s", flush=True)
+        return seconds
+
+    print("\nwhole steps (forward + backward), each line adding one change to the one above:")
+    use_packed_attention(causal_lm)  # registers the function; each step sets the implementation it uses
+    first = show("TRL defaults: padded, checkpointing, TRL's head on every position",
+                 step(trl_head, padded, checkpointing=True))
+    show("  without gradient checkpointing", step(trl_head, padded))
+    show("  padding-free row (SDPA with a block-diagonal mask)", step(trl_head, packed))
+    show("  attention one example at a time", step(trl_head, packed, attention=PACKED_ATTENTION))
+    show("  our head on loss-bearing positions", step(our_head, packed, attention=PACKED_ATTENTION))
+    use_uniform_dropout(model)
+    last = show("  uniform-draw LoRA dropout (mathtune train)", step(our_head, packed, attention=PACKED_ATTENTION))
+    print(f"ratio: {first / last:.2f}x")
+
+    print("\nparts of mathtune's step:")
+    causal_lm.set_attn_implementation(PACKED_ATTENTION)
+    inputs = {k: v for k, v in packed.items() if k != "labels"}
+    show("decoder forward", lambda: decoder(**inputs, use_cache=False))
+    show("decoder forward + backward", lambda: decoder(**inputs, use_cache=False).last_hidden_state.sum().backward())
+    hidden = decoder(**inputs, use_cache=False).last_hidden_state.detach()
     from trl.kernels.chunked_logprob import ChunkedLogProbFunction
     from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE
 
-    def trl_head_all_positions():
-        log_probs, *_ = ChunkedLogProbFunction.apply(
-            flat, head.weight, None, labels[:, 1:].clamp(min=0).reshape(-1), 1.0, _CHUNKED_LOGPROB_CHUNK_SIZE,
-            None, 1.0, ("entropy", "is_top1"))
+    def trl_head_alone():
+        flat = hidden[:, :-1].reshape(-1, hidden.shape[-1]).requires_grad_()
+        targets = packed["labels"][:, 1:].clamp(min=0).reshape(-1)
+        log_probs, *_ = ChunkedLogProbFunction.apply(flat, head.weight, None, targets, 1.0,
+                                                     _CHUNKED_LOGPROB_CHUNK_SIZE, None, 1.0, ("entropy", "is_top1"))
         log_probs.sum().backward()
 
-    def our_head_loss_positions():
-        h = hidden.clone().requires_grad_()
-        loss_positions_head(h, labels, head).losses.sum().backward()
+    def our_head_alone():
+        loss_positions_head(hidden.clone().requires_grad_(), packed["labels"], head).losses.sum().backward()
 
-    rows[3] = ("head forward+backward: TRL, every position (as on CPU)", trl_head_all_positions)
-    rows.insert(4, ("head forward+backward: ours, loss-bearing positions", our_head_loss_positions))
-    for label, run in rows:
-        seconds = median_seconds(run, args.repeats)
-        model.zero_grad(set_to_none=True)
-        print(f"{label:58s} {seconds:7.2f} s  {n_real / seconds:7.1f} tokens/s", flush=True)
+    show("LM head forward + backward: TRL's, every position (as on a CPU)", trl_head_alone)
+    show("LM head forward + backward: ours, loss-bearing positions", our_head_alone)
 
 
 if __name__ == "__main__":
