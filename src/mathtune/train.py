@@ -453,9 +453,7 @@ def train(config: Config, overwrite: bool = False, resume: bool = False, merge: 
     dtype = resolve_dtype(config.model.dtype)
     model = load_model(config.model.name, config.model.dtype, config.model.revision)
     use_packed_attention(model)  # padding-free rows: attention one example at a time
-    model.train()
-    if not torch.cuda.is_available() and state.num_processes > 1 and "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // state.num_processes))  # no oversubscribed cores
+    model.train()  # threads: Accelerate gives each CPU process its share of the cores
 
     from transformers import EarlyStoppingCallback, set_seed
 
