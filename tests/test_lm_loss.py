@@ -68,6 +68,9 @@ def test_installed_head_gives_the_models_own_loss():
     assert not supports_loss_head(model)  # a trainable head is left to the model's own forward
     model.requires_grad_(False)  # as LoRA leaves it
     assert supports_loss_head(model)
+    model.config.logits_scaling = 4.0
+    assert not supports_loss_head(model)  # scaled logits: the model's own forward
+    model.config.logits_scaling = None
     install_loss_head(model)
     torch.manual_seed(2)
     input_ids = torch.randint(3, 90, (2, 12))

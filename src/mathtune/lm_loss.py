@@ -28,6 +28,7 @@ import torch
 
 VOCAB_SLICE = 4096  # words per slice: a [1024, 4096] float32 tile is 16 MiB
 TOKEN_CHUNK = 1024  # positions per pass over the vocabulary
+LOGIT_SCALES = ("logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling")  # config names
 
 
 class LinearCrossEntropy(torch.autograd.Function):
@@ -127,9 +128,11 @@ def loss_positions_head(hidden: torch.Tensor, labels: torch.Tensor, lm_head: tor
 
 def supports_loss_head(model) -> bool:
     """Whether the output layer is a plain, frozen, bias-free linear map, so the fast head computes what it does."""
-    head = model.get_output_embeddings()
+    head, text_config = model.get_output_embeddings(), model.config.get_text_config()
+    # Models that scale their logits (Granite, Falcon-H1, ...) are left to their own forward.
+    scales = [getattr(text_config, name, None) for name in LOGIT_SCALES]
     return (type(head) is torch.nn.Linear and head.bias is None and not head.weight.requires_grad
-            and getattr(model.config.get_text_config(), "logit_scale", None) in (None, 1))
+            and all(scale in (None, 1) for scale in scales))
 
 
 def install_loss_head(model) -> None:
