@@ -153,7 +153,7 @@ def score_adapters(args, problems: list[dict], adapters: list[str]) -> dict:
 def child(args) -> None:
     """One side, in this process; writes its result and this process's peak memory to --result."""
     out = Path(args.work)
-    problems = json.loads((out / f"{args.problems_file}").read_text())
+    problems = json.loads((out / args.problems_file).read_text())
     if args.side == "trl":
         result = train_with_trl(args, problems, out)
     elif args.side == "mathtune":

@@ -2,8 +2,8 @@
 
 A padding-free batch is one row holding several examples end to end, their position ids starting
 again at 0 for each. transformers' SDPA path gives such a row one block-diagonal mask and computes
-attention over the whole row: for four examples of 220 tokens, 16 times the products that matter
-(four times for the blocks between examples, twice for the masked upper triangles), and the
+attention over the whole row: for four examples of 220 tokens, eight times the products that
+matter (four times for the blocks between examples, twice for the masked upper triangles), as the
 explicit mask keeps SDPA's causal kernel from skipping any of them. Here each example's stretch goes
 to SDPA alone with is_causal=True. The flash-attention varlen kernels do this on GPUs; this is the
 same for any device. Anything that is not a packed training row (generation, cached decoding,
@@ -20,8 +20,18 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 NAME = "mathtune_packed_sdpa"
 
 
+_last_row: list = [None, None]  # (position_ids, starts) of the last call: every layer asks about the same row
+
+
 def example_starts(position_ids: torch.Tensor | None, length: int) -> list[int] | None:
     """Where each example of a packed row starts, or None when the row is not several examples counted from 0."""
+    if position_ids is not None and _last_row[0] is position_ids:
+        return _last_row[1]
+    _last_row[:] = [position_ids, _find_starts(position_ids, length)]
+    return _last_row[1]
+
+
+def _find_starts(position_ids: torch.Tensor | None, length: int) -> list[int] | None:
     if position_ids is None or position_ids.dim() != 2 or position_ids.shape != (1, length):
         return None
     positions = position_ids[0]
