@@ -10,10 +10,10 @@ of optimizer steps, each in its own process:
     default bf16 runs matrix products at about 0.5 GFLOP/s on a CPU without AVX-512 BF16).
 (b) `mathtune train` (mathtune.cli.main), with its defaults.
 
-Then a third process scores both adapters the same way: the mean token loss on the training problems,
+Then another process scores both adapters the same way: the mean token loss on the training problems,
 dropout off. `loss_delta` is the difference (b) - (a); the two must agree within --tolerance
 (relative), the only differences being the dropout masks (padded and packed batches draw them
-differently) and the order of floating-point sums. A fourth process trains (b) on half the problems
+differently) and the order of floating-point sums. Another trains (b) on half the problems
 for the cost-growth check. Time is the Trainer's own train_runtime (model loading excluded); memory
 is each process's peak resident set (ru_maxrss), and peak GPU memory on a GPU.
 
@@ -87,7 +87,8 @@ def train_with_trl(args, problems: list[dict], out: Path) -> dict:
     return {
         "train_runtime_s": result.metrics["train_runtime"], "steps": trainer.state.global_step,
         "counted_tokens": trainer._total_train_tokens, "last_step_loss": losses[-1],
-        "gradient_checkpointing": training_args.gradient_checkpointing, "padding_free": training_args.padding_free,
+        "inherited": {name: getattr(training_args, name) for name in
+                      ("gradient_checkpointing", "padding_free", "max_length", "completion_only_loss")},
         "adapter": str(out / "trl-adapter"),
     }
 
@@ -252,6 +253,7 @@ def main() -> None:
     model_flops = flops_per_token * tokens + 4 * scored["vocab"] * scored["hidden"] * loss_tokens
     print(f"\n{args.problems} problems x {args.epochs:g} epoch(s): {tokens:.0f} tokens, {loss_tokens:.0f} "
           f"loss-bearing; {model_flops / 1e12:.2f} TFLOP of model FLOPs")
+    print("(a) keeps TRL's defaults: " + ", ".join(f"{k}={v}" for k, v in slow["inherited"].items()))
     rows = {"(a) TRL documented setup": slow, "(b) mathtune train": fast}
     for (label, side), loss in zip(rows.items(), scored["losses"]):
         seconds = side["train_runtime_s"]

@@ -1,10 +1,10 @@
 """LoRA dropout with the mask drawn from uniform numbers, about twice as fast as torch's on CPUs.
 
 PEFT applies its own nn.Dropout to the input of each of a layer's seven LoRA modules; on a CPU,
-torch's dropout draws its mask with bernoulli_, which took 15% of a Gemma 3 270M training step
-(bench/profile_step.py). `rand < p` draws the same distribution (each input kept with probability
-1 - p, scaled by 1 / (1 - p)) from the vectorised uniform generator, and the backward pass keeps
-the mask as booleans. The random stream differs from torch's, so runs are reproducible given the
+torch's dropout draws its mask with bernoulli_, which took 15% of Gemma 3 270M's decoder forward
+and backward in a torch.profiler trace (bench/RESULTS.md). Keeping an input where `uniform >= p`
+draws the same distribution (each input kept with probability 1 - p, scaled by 1 / (1 - p)) from
+the vectorised uniform generator, and the backward pass keeps the mask as booleans. The random stream differs from torch's, so runs are reproducible given the
 seed but not bit-identical to PEFT's own dropout.
 """
 

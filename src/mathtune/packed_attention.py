@@ -20,15 +20,14 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 NAME = "mathtune_packed_sdpa"
 
 
-_last_row: list = [None, None]  # (position_ids, starts) of the last call: every layer asks about the same row
+_last_row: list = [None, None, None]  # position_ids, length, starts: every layer asks about the same row
 
 
 def example_starts(position_ids: torch.Tensor | None, length: int) -> list[int] | None:
     """Where each example of a packed row starts, or None when the row is not several examples counted from 0."""
-    if position_ids is not None and _last_row[0] is position_ids:
-        return _last_row[1]
-    _last_row[:] = [position_ids, _find_starts(position_ids, length)]
-    return _last_row[1]
+    if position_ids is None or _last_row[0] is not position_ids or _last_row[1] != length:
+        _last_row[:] = [position_ids, length, _find_starts(position_ids, length)]
+    return _last_row[2]
 
 
 def _find_starts(position_ids: torch.Tensor | None, length: int) -> list[int] | None:
