@@ -26,6 +26,13 @@ state); attention scores are left out (under 2% at GSM8K lengths).
 The last line reads `speedup=<x> memory_ratio=<y> loss_delta=<z>`.
 
     PYTHONPATH=src .venv/bin/python bench/bench_train.py             # Gemma 3 270M, 64 problems
+    PYTHONPATH=src python bench/bench_train.py --random-shape gemma-2b --tokenizer DIR   # on a GPU
+
+`--random-shape gemma-2b` trains a randomly initialised model with Gemma-2B's architecture and
+shape (GemmaForCausalLM: 18 layers, hidden 2048, MLP 16384, 8 query heads and 1 key/value head of
+256) instead: throughput needs no trained weights. Its vocabulary is the tokenizer's (Gemma 3's
+262,144 words with the packaged tokenizer, 2.4% more than Gemma-2B's 256,000), so the text is
+tokenized as Gemma tokenizes it. It is meant for a GPU (2.5 billion weights).
 """
 
 from __future__ import annotations
@@ -43,11 +50,17 @@ from pathlib import Path
 import torch
 
 from mathtune.data import format_completion, format_prompt, read_problems, seeded_subset, tokenize_example
-from mathtune.models import PACKAGED_GEMMA, load_model, load_tokenizer, resolve_dtype
+from mathtune.models import PACKAGED_GEMMA, load_model, load_tokenizer, resolve_dtype, resolve_model_path
 
 DATA = Path(os.environ.get("MATHTUNE_DATA") or Path(__file__).resolve().parents[1].parent / "shared/data/gsm8k")
 SEED = 42
 VALIDATION_FRACTION = 0.1  # mathtune holds out ceil(10%) of what it is given; it is given that much more
+# google/gemma-2b's config.json, less its vocabulary size (the tokenizer's is used)
+GEMMA_2B_SHAPE = dict(
+    hidden_size=2048, intermediate_size=16384, num_hidden_layers=18, num_attention_heads=8,
+    num_key_value_heads=1, head_dim=256, max_position_embeddings=8192, hidden_activation="gelu_pytorch_tanh",
+    rms_norm_eps=1e-6, rope_theta=10000.0,
+)
 
 
 # --- the two sides, each run in its own process --------------------------------------------------
@@ -172,19 +185,46 @@ def child(args) -> None:
 
 def matmul_peak_gflops(dtype: torch.dtype, device: str, seconds: float = 1.0) -> float:
     """The best matrix-multiply rate of a few square and model-shaped products on this machine."""
+    shapes = [(2048, 2048, 2048), (1024, 1024, 1024), (512, 640, 2048), (640, 262144, 128)]
+    if device == "cuda":
+        shapes += [(8192, 8192, 8192), (4096, 2048, 16384)]
     best = 0.0
-    for m, k, n in ((2048, 2048, 2048), (1024, 1024, 1024), (512, 640, 2048), (640, 262144, 128)):
+    for m, k, n in shapes:
         a = torch.randn(m, k, dtype=dtype, device=device)
         b = torch.randn(k, n, dtype=dtype, device=device)
         a @ b
         runs, start = 0, time.perf_counter()
         while time.perf_counter() - start < seconds:
-            a @ b
-            runs += 1
-        if device == "cuda":
-            torch.cuda.synchronize()
+            for _ in range(10):  # then wait, so that a GPU's queue never runs far ahead of the clock
+                a @ b
+            if device == "cuda":
+                torch.cuda.synchronize()
+            runs += 10
         best = max(best, 2 * m * k * n * runs / (time.perf_counter() - start) / 1e9)
     return best
+
+
+def random_model_dir(shape: str, tokenizer_dir: str, work: Path) -> str:
+    """A randomly initialised model of a named shape, saved with a tokenizer under `work`, for throughput runs."""
+    from transformers import AutoTokenizer, GemmaConfig, GemmaForCausalLM
+
+    target = work / f"{shape}-shape"
+    if (target / "config.json").exists():
+        return str(target)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    config = GemmaConfig(**GEMMA_2B_SHAPE, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(SEED)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    with torch.device(device):
+        model = GemmaForCausalLM(config).to(resolve_dtype("auto"))
+    print(f"built a random {shape}-shape model: {sum(p.numel() for p in model.parameters()) / 1e9:.2f} B weights, "
+          f"vocabulary {len(tokenizer)}", flush=True)
+    partial = target.with_name(target.name + ".partial")
+    model.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    partial.rename(target)
+    return str(target)
 
 
 def run_child(args, side: str, problems_file: str, *extra: str) -> dict:
@@ -193,7 +233,8 @@ def run_child(args, side: str, problems_file: str, *extra: str) -> dict:
                "--problems-file", problems_file, "--result", str(result), "--epochs", str(args.epochs),
                "--batch-size", str(args.batch_size), *extra]
     print(f"... {side} on {problems_file}", flush=True)
-    subprocess.run(command, check=True, env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")})
+    paths = [str(Path(__file__).resolve().parents[1] / "src"), os.environ.get("PYTHONPATH")]
+    subprocess.run(command, check=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, paths))})
     return json.loads(result.read_text())
 
 
@@ -207,6 +248,8 @@ def token_counts(tokenizer, problems: list[dict]) -> tuple[int, int]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default=PACKAGED_GEMMA)
+    parser.add_argument("--random-shape", choices=["gemma-2b"], help="a randomly initialised model of this shape")
+    parser.add_argument("--tokenizer", help="tokenizer directory for --random-shape (default: the packaged Gemma's)")
     parser.add_argument("--problems", type=int, default=64, help="training problems (the same for both sides)")
     parser.add_argument("--epochs", type=float, default=1)
     parser.add_argument("--batch-size", type=int, default=4)
@@ -229,6 +272,8 @@ def main() -> None:
           f"{torch.get_num_threads()} threads, dtype {str(dtype).removeprefix('torch.')}", flush=True)
     peak = matmul_peak_gflops(dtype, device)
     print(f"measured matrix-multiply peak: {peak:.1f} GFLOP/s", flush=True)
+    if args.random_shape:
+        args.model = random_model_dir(args.random_shape, args.tokenizer or resolve_model_path(PACKAGED_GEMMA), work)
 
     # mathtune is given the problems plus the share it holds out; (a) then trains on exactly the problems it kept.
     pool = seeded_subset(read_problems(DATA / "train.jsonl", "train")[0], 4 * args.problems, SEED)
