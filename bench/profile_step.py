@@ -6,6 +6,10 @@ mathtune's changes added in turn, so each line shows what one change buys. Then 
 final step on their own. Each time is the median of --repeats runs after one warm-up.
 
     PYTHONPATH=src .venv/bin/python bench/profile_step.py --batch 4
+    PYTHONPATH=src python bench/profile_step.py --random-shape gemma-2b --tokenizer DIR   # on a GPU
+
+On a GPU the batch goes to the GPU, each time waits for the GPU to finish, and --trace FILE writes
+the operator table of mathtune's step from torch.profiler (time on the CPU and on the GPU per operator).
 """
 
 from __future__ import annotations
@@ -22,18 +26,26 @@ from mathtune.config import LoraConfig
 from mathtune.data import read_problems, seeded_subset, tokenize_example
 from mathtune.dropout import use_uniform_dropout
 from mathtune.lm_loss import loss_positions_head
-from mathtune.models import PACKAGED_GEMMA, load_model, load_tokenizer, resolve_dtype
+from mathtune.models import PACKAGED_GEMMA, load_model, load_tokenizer, resolve_dtype, resolve_model_path
 from mathtune.packed_attention import NAME as PACKED_ATTENTION, use_packed_attention
 
 DATA = Path(os.environ.get("MATHTUNE_DATA") or Path(__file__).resolve().parents[1].parent / "shared/data/gsm8k")
 
 
+def finished() -> None:
+    """Wait for queued GPU work, so that the clock measures it."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def median_seconds(run, repeats: int) -> float:
     run()  # warm-up
+    finished()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         run()
+        finished()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
@@ -63,7 +75,16 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--model", default=PACKAGED_GEMMA)
+    parser.add_argument("--random-shape", choices=["gemma-2b"], help="a randomly initialised model of this shape")
+    parser.add_argument("--tokenizer", help="tokenizer directory for --random-shape (default: the packaged Gemma's)")
+    parser.add_argument("--work", default="runs/bench-train", help="where --random-shape saves its model")
+    parser.add_argument("--trace", help="write torch.profiler's operator table of mathtune's step here")
     args = parser.parse_args()
+    if args.random_shape:
+        from bench_train import random_model_dir  # bench/ is this script's import path
+
+        args.model = random_model_dir(args.random_shape, args.tokenizer or resolve_model_path(PACKAGED_GEMMA),
+                                      Path(args.work))
 
     from peft import LoraConfig as PeftLoraConfig, get_peft_model
     from trl.trainer.utils import add_fused_lm_head
@@ -79,7 +100,8 @@ def main() -> None:
     model.train()
     causal_lm = model.get_base_model()
     decoder, head = causal_lm.get_decoder(), causal_lm.get_output_embeddings()
-    padded, packed = padded_batch(examples, tokenizer.pad_token_id), packed_batch(examples)
+    padded = {k: v.to(model.device) for k, v in padded_batch(examples, tokenizer.pad_token_id).items()}
+    packed = {k: v.to(model.device) for k, v in packed_batch(examples).items()}
     n_tokens = sum(len(e["input_ids"]) for e in examples)
     n_loss = int((packed["labels"][:, 1:] != -100).sum())
     print(f"model {args.model}, dtype {str(resolve_dtype('auto')).removeprefix('torch.')}, "
@@ -105,8 +127,11 @@ def main() -> None:
         return run
 
     def show(label, run):
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
         seconds = median_seconds(run, args.repeats)
-        print(f"{label:64s} {seconds:7.2f} s  {n_tokens / seconds:7.1f} tokens/s", flush=True)
+        gpu = f"  peak GPU {torch.cuda.max_memory_allocated() / 2**30:6.2f} GB" if torch.cuda.is_available() else ""
+        print(f"{label:64s} {seconds:7.3f} s  {n_tokens / seconds:7.1f} tokens/s{gpu}", flush=True)
         return seconds
 
     print("\nwhole steps (forward + backward), each line adding one change to the one above:")
@@ -120,6 +145,19 @@ def main() -> None:
     use_uniform_dropout(model)
     last = show("  uniform-draw LoRA dropout (mathtune train)", step(our_head, packed, attention=PACKED_ATTENTION))
     print(f"ratio: {first / last:.2f}x")
+    show("  (mathtune train with gradient checkpointing)",
+         step(our_head, packed, checkpointing=True, attention=PACKED_ATTENTION))
+    if args.trace:
+        from torch.profiler import ProfilerActivity, profile
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+        mathtune_step = step(our_head, packed, attention=PACKED_ATTENTION)
+        with profile(activities=activities) as trace:
+            mathtune_step()
+            finished()
+        sort = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+        Path(args.trace).write_text(trace.key_averages().table(sort_by=sort, row_limit=40)
+                                    + "\n\n" + trace.key_averages().table(sort_by="self_cpu_time_total", row_limit=40))
 
     print("\nparts of mathtune's step:")
     causal_lm.set_attn_implementation(PACKED_ATTENTION)
