@@ -66,7 +66,7 @@ GEMMA_2B_SHAPE = dict(
 # --- the two sides, each run in its own process --------------------------------------------------
 
 
-def train_with_trl(args, problems: list[dict], out: Path) -> dict:
+def train_with_trl(args, problems: list[dict], out: Path, name: str = "trl") -> dict:
     """(a): SFTTrainer as TRL's documentation shows it, on a prompt/completion dataset."""
     from datasets import Dataset
     from peft import LoraConfig
@@ -83,7 +83,7 @@ def train_with_trl(args, problems: list[dict], out: Path) -> dict:
         [{"prompt": format_prompt(p["question"]), "completion": format_completion(p["answer"])} for p in problems]
     )
     training_args = SFTConfig(
-        output_dir=str(out / "trl"), num_train_epochs=args.epochs, per_device_train_batch_size=args.batch_size,
+        output_dir=str(out / name), num_train_epochs=args.epochs, per_device_train_batch_size=args.batch_size,
         learning_rate=config.train.learning_rate, lr_scheduler_type=config.train.lr_scheduler,
         max_grad_norm=config.train.max_grad_norm, logging_steps=1, save_strategy="no", report_to="none",
         seed=SEED, data_seed=SEED, bf16=dtype == torch.bfloat16, use_cpu=not torch.cuda.is_available(),
@@ -95,14 +95,14 @@ def train_with_trl(args, problems: list[dict], out: Path) -> dict:
                                target_modules=config.lora.target_modules, task_type="CAUSAL_LM"),
     )
     result = trainer.train()
-    trainer.save_model(str(out / "trl-adapter"))
+    trainer.save_model(str(out / f"{name}-adapter"))
     losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
     return {
         "train_runtime_s": result.metrics["train_runtime"], "steps": trainer.state.global_step,
         "counted_tokens": trainer._total_train_tokens, "last_step_loss": losses[-1],
         "inherited": {name: getattr(training_args, name) for name in
                       ("gradient_checkpointing", "padding_free", "max_length", "completion_only_loss")},
-        "adapter": str(out / "trl-adapter"),
+        "adapter": str(out / f"{name}-adapter"),
     }
 
 
@@ -168,8 +168,10 @@ def child(args) -> None:
     """One side, in this process; writes its result and this process's peak memory to --result."""
     out = Path(args.work)
     problems = json.loads((out / args.problems_file).read_text())
-    if args.side == "trl":
-        result = train_with_trl(args, problems, out)
+    if args.side in ("trl", "trl-no-cudnn"):
+        if args.side == "trl-no-cudnn":  # (a) with only mathtune's attention-backend choice added
+            torch.backends.cuda.enable_cudnn_sdp(False)
+        result = train_with_trl(args, problems, out, args.side)
     elif args.side == "mathtune":
         result = train_with_mathtune(args, problems, out, args.name)
     else:
@@ -255,7 +257,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--tolerance", type=float, default=0.02, help="relative loss agreement required")
     parser.add_argument("--work", default="runs/bench-train")
-    parser.add_argument("--side", choices=["trl", "mathtune", "score"], help=argparse.SUPPRESS)
+    parser.add_argument("--side", choices=["trl", "trl-no-cudnn", "mathtune", "score"], help=argparse.SUPPRESS)
     parser.add_argument("--problems-file", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     parser.add_argument("--name", help=argparse.SUPPRESS)
@@ -288,6 +290,9 @@ def main() -> None:
         raise SystemExit(f"mathtune kept {len(kept)} training problems, not {args.problems}")
     (work / "kept.json").write_text(json.dumps(kept))
     slow = run_child(args, "trl", "kept.json")
+    # On CUDA, mathtune turns cuDNN's attention off (mathtune.models.prefer_shape_agnostic_attention);
+    # (a) as documented keeps it, so this row shows what that choice alone gives TRL.
+    no_cudnn = run_child(args, "trl-no-cudnn", "kept.json") if device == "cuda" else None
     half = run_child(args, "mathtune", "half.json", "--name", "mathtune-half")
     scored = run_child(args, "score", "kept.json", "--adapters", slow["adapter"], fast["adapter"])
 
@@ -309,6 +314,12 @@ def main() -> None:
               f"{loss_tokens / seconds:6.1f} loss-bearing tokens/s, MFU {mfu:.1%}; peak RSS "
               f"{side['peak_rss_gb']:.2f} GB{gpu}; final loss {loss:.4f} (last step {side['last_step_loss']:.4f}); "
               f"trainer counted {side['counted_tokens']} tokens")
+    if no_cudnn:
+        seconds = no_cudnn["train_runtime_s"]
+        print(f"{'(a) with cuDNN attention off':26s} {no_cudnn['steps']} steps in {seconds:7.1f} s: "
+              f"{tokens / seconds:6.1f} tokens/s, MFU {model_flops / seconds / 1e9 / peak:.1%}; peak GPU "
+              f"{no_cudnn['peak_gpu_gb']:.2f} GB; last step loss {no_cudnn['last_step_loss']:.4f}; (b) is "
+              f"{seconds / fast['train_runtime_s']:.2f}x as fast as this")
     speedup = slow["train_runtime_s"] / fast["train_runtime_s"]
     memory_ratio = fast["peak_rss_gb"] / slow["peak_rss_gb"]
     loss_delta = fast["final_loss"] - slow["final_loss"]

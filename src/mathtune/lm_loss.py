@@ -135,6 +135,14 @@ def supports_loss_head(model) -> bool:
             and all(scale in (None, 1) for scale in scales))
 
 
+def trl_head_is_compact(device: torch.device) -> bool:
+    """Whether TRL's fused head scores only loss-bearing positions here: it does where Triton runs
+    (CUDA, XPU; as trl.kernels.chunked_logprob decides), and scores every position elsewhere."""
+    from transformers.utils import is_triton_available
+
+    return device.type in ("cuda", "xpu") and is_triton_available()
+
+
 def install_loss_head(model) -> None:
     """Give a causal LM a `loss_head=True` forward mode that returns a HeadOutput instead of logits.
 

@@ -169,6 +169,18 @@ def load_model(name: str, dtype: str = "auto", revision: str | None = None, adap
     return model.eval()
 
 
+def prefer_shape_agnostic_attention() -> None:
+    """On CUDA, let SDPA choose flash or memory-efficient attention, not cuDNN's.
+
+    cuDNN's attention builds an execution plan for each new sequence length, which takes hundreds of
+    milliseconds; GSM8K batches (and each decoding step) bring new lengths all the time. On an H100
+    this made a training step of Gemma-2B's shape take 0.6-0.9 s instead of about 0.15 s
+    (bench/RESULTS.md). Flash and memory-efficient attention need no per-shape plan.
+    """
+    if torch.cuda.is_available():
+        torch.backends.cuda.enable_cudnn_sdp(False)
+
+
 def adapter_base_model(adapter_dir: Path) -> str:
     config = json.loads((adapter_dir / "adapter_config.json").read_text())
     return config["base_model_name_or_path"]

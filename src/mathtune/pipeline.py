@@ -14,7 +14,7 @@ from mathtune import data as data_module
 from mathtune import synthetic
 from mathtune.config import Config, load_config
 from mathtune.evaluate import choose_fewshot_examples, evaluate_problems
-from mathtune.models import ModelError, adapter_base_model, load_model, load_tokenizer
+from mathtune.models import ModelError, adapter_base_model, load_model, load_tokenizer, prefer_shape_agnostic_attention
 from mathtune.runfiles import read_json
 
 SOURCE_BANNER = {
@@ -58,6 +58,7 @@ def run_evaluation(
     kind = f"{model_name} + adapter {adapter}" if adapter else model_name
     print(f"Evaluating {kind} on {len(problems)} {split} problems "
           f"({shots}-shot, greedy, up to {config.eval.max_new_tokens} new tokens)...", flush=True)
+    prefer_shape_agnostic_attention()
     model = load_model(model_name, config.model.dtype, config.model.revision, adapter=adapter)
     tokenizer = load_tokenizer(model_name, config.model.revision)
     scores = evaluate_problems(
