@@ -125,6 +125,7 @@ def train_with_mathtune(args, problems: list[dict], out: Path, name: str) -> dic
         "--set", "train.eval_steps=1000000", "--set", "train.early_stopping_patience=null",
         "--set", "eval.generate_every=0",
         "--set", f"train.seed={SEED}", "--set", f"data.seed={SEED}",
+        *[option for setting in args.mathtune_set for option in ("--set", setting)],
     ])
     if code != 0:
         raise SystemExit(f"mathtune train failed with exit code {code}")
@@ -233,7 +234,7 @@ def run_child(args, side: str, problems_file: str, *extra: str) -> dict:
     result = Path(args.work) / f"result-{side}-{Path(problems_file).stem}.json"
     command = [sys.executable, __file__, "--side", side, "--work", args.work, "--model", args.model,
                "--problems-file", problems_file, "--result", str(result), "--epochs", str(args.epochs),
-               "--batch-size", str(args.batch_size), *extra]
+               "--batch-size", str(args.batch_size), *[f"--mathtune-set={s}" for s in args.mathtune_set], *extra]
     print(f"... {side} on {problems_file}", flush=True)
     paths = [str(Path(__file__).resolve().parents[1] / "src"), os.environ.get("PYTHONPATH")]
     subprocess.run(command, check=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, paths))})
@@ -257,6 +258,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--tolerance", type=float, default=0.02, help="relative loss agreement required")
     parser.add_argument("--work", default="runs/bench-train")
+    parser.add_argument("--mathtune-set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config override for (b), e.g. train.gradient_checkpointing=true (repeatable)")
     parser.add_argument("--side", choices=["trl", "trl-no-cudnn", "mathtune", "score"], help=argparse.SUPPRESS)
     parser.add_argument("--problems-file", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)

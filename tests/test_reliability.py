@@ -257,6 +257,20 @@ def test_bad_input_is_a_clear_error_that_overwrites_nothing(
     assert {p: p.read_bytes() for p in old_run.rglob("*")} == before
 
 
+def test_run_overwrite_with_a_model_that_does_not_exist_keeps_the_old_run(tmp_path, gsm8k_dir, monkeypatch, capsys):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    old_run = tmp_path / "runs" / "tiny"
+    old_run.mkdir(parents=True)
+    (old_run / "config.yaml").write_text(yaml.safe_dump(load_config("tiny").to_dict()))
+    (old_run / "report.md").write_text("the old run's report\n")
+    before = {p: p.read_bytes() for p in old_run.rglob("*")}
+    code = main(["run", "--preset", "tiny", "--output-dir", str(tmp_path / "runs"), "--data", str(gsm8k_dir),
+                 "--set", "model.name=nobody/no-such-model", "--overwrite"])
+    assert code == 2
+    assert "could not load model 'nobody/no-such-model'" in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in old_run.rglob("*")} == before
+
+
 def test_a_full_disk_is_a_clear_error_and_the_run_continues_after(tmp_path, gsm8k_dir, monkeypatch, capsys):
     def disk_full(path, record):
         raise OSError(errno.ENOSPC, "No space left on device")

@@ -144,6 +144,18 @@ def load_tokenizer(name: str, revision: str | None = None):
     return tokenizer
 
 
+def check_model(name: str, revision: str | None = None) -> None:
+    """Fail now, with load_model's message, if the model's config cannot be found (a second, not a model load)."""
+    from transformers import AutoConfig
+
+    path = resolve_model_path(name)
+    offline = _offline(path)
+    try:
+        AutoConfig.from_pretrained(path, revision=revision, local_files_only=offline)
+    except OSError as exc:
+        raise ModelError(_not_found(name, exc, offline)) from exc
+
+
 def load_model(name: str, dtype: str = "auto", revision: str | None = None, adapter: str | Path | None = None):
     """A causal LM in eval mode, with a LoRA adapter applied when one is given."""
     from transformers import AutoModelForCausalLM

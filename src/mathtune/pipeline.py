@@ -14,7 +14,9 @@ from mathtune import data as data_module
 from mathtune import synthetic
 from mathtune.config import Config, load_config
 from mathtune.evaluate import choose_fewshot_examples, evaluate_problems
-from mathtune.models import ModelError, adapter_base_model, load_model, load_tokenizer, prefer_shape_agnostic_attention
+from mathtune.models import (
+    ModelError, adapter_base_model, check_model, load_model, load_tokenizer, prefer_shape_agnostic_attention,
+)
 from mathtune.runfiles import read_json
 
 SOURCE_BANNER = {
@@ -101,7 +103,9 @@ def run(config: Config, overwrite: bool = False) -> dict:
                 "to continue it, pass --overwrite to replace it, or choose another --name."
             )
         print(f"Continuing the run in {run_dir}.", flush=True)
-    dataset = data_module.load_dataset(config.data)  # bad data fails before the run directory is touched
+    # bad data or a model that cannot be found fail before the run directory is touched (or --overwrite empties it)
+    dataset = data_module.load_dataset(config.data)
+    check_model(config.model.name, config.model.revision)
     announce_data(dataset)
     prepare_run_dir(run_dir, overwrite=overwrite, resume=existing and not overwrite)
     started = time.time()
