@@ -155,3 +155,21 @@ def test_our_lm_head_trains_as_trls_does(tmp_path, gsm8k_dir, monkeypatch):
         trls = [m[key] for m in read_jsonl(tmp_path / "plain/tiny/metrics.jsonl") if key in m]
         assert len(ours) == len(trls) >= 2
         assert ours == pytest.approx(trls, rel=1e-4, abs=1e-5), key
+
+
+def test_micro_batches_with_gradient_accumulation_train_as_one_batch(tmp_path, gsm8k_dir):
+    """batch_size 1 with gradient_accumulation_steps 4 (a quarter of the activation memory) takes the
+    same optimizer steps as batch_size 4: each step's loss is token-weighted over the same four
+    examples either way, so with dropout off the logged training and validation losses agree."""
+    common = ["lora.dropout=0.0", "train.max_steps=3", "train.eval_steps=3", "train.logging_steps=1"]
+    train(tiny_config(tmp_path / "whole", gsm8k_dir, *common, "train.batch_size=4",
+                      "train.gradient_accumulation_steps=1"))
+    train(tiny_config(tmp_path / "micro", gsm8k_dir, *common, "train.batch_size=1",
+                      "train.gradient_accumulation_steps=4"))
+    for key in ("loss", "eval_loss"):
+        whole = [m[key] for m in read_jsonl(tmp_path / "whole/tiny/metrics.jsonl") if key in m]
+        micro = [m[key] for m in read_jsonl(tmp_path / "micro/tiny/metrics.jsonl") if key in m]
+        assert len(whole) == len(micro) >= 1
+        assert micro == pytest.approx(whole, rel=1e-4, abs=1e-5), key
+    losses = [m["loss"] for m in read_jsonl(tmp_path / "whole/tiny/metrics.jsonl") if "loss" in m]
+    assert len(set(losses)) > 1, "the steps must see different examples for the comparison to mean anything"
