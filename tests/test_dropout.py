@@ -1,9 +1,10 @@
-"""UniformDropout keeps each input with probability 1 - p, scales by 1 / (1 - p), and passes gradients the same way."""
+"""UniformDropout keeps each input with probability 1 - p' (p rounded to 1/65,536), scales by 1 / (1 - p'), and passes
+gradients the same way."""
 
 import pytest
 import torch
 
-from mathtune.dropout import UniformDropout, use_uniform_dropout
+from mathtune.dropout import UniformDropout, dropped_share, keep_mask, use_uniform_dropout
 from mathtune.models import TINY_RANDOM, load_model
 
 
@@ -17,6 +18,35 @@ def test_keeps_the_expected_share_and_scales_it():
     assert torch.allclose(y[kept].detach(), torch.tensor(1 / 0.75))
     y.sum().backward()
     assert torch.equal(x.grad, kept.float() / 0.75)
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
+def test_every_word_of_a_draw_drops_with_the_same_probability(p):
+    """Each int64 draw decides four entries, one per 16-bit word; a biased word (an int64 drawn with
+    its top bit always 0 gives one) would show in its column."""
+    torch.manual_seed(1)
+    dropped = ~keep_mask(torch.Size([4 * 500_000]), p).view(-1, 4)
+    share = dropped_share(p)
+    tolerance = 5 * (share * (1 - share) / 500_000) ** 0.5
+    for column in dropped.float().mean(dim=0).tolist():
+        assert column == pytest.approx(share, abs=tolerance)
+
+
+def test_the_scale_keeps_the_expectation_exact_and_p_is_rounded_to_a_word():
+    assert dropped_share(0.25) == 0.25
+    assert dropped_share(0.1) == 6554 / 65536
+    assert dropped_share(0.9999999) == 65535 / 65536  # never every input
+    torch.manual_seed(2)
+    y = UniformDropout(0.1).train()(torch.ones(4_000_000))
+    assert y.mean().item() == pytest.approx(1.0, abs=5 * (0.1 / 0.9 / 4_000_000) ** 0.5)
+
+
+def test_masks_follow_the_seed():
+    torch.manual_seed(3)
+    first = keep_mask(torch.Size([7, 11]), 0.3)
+    torch.manual_seed(3)
+    assert torch.equal(keep_mask(torch.Size([7, 11]), 0.3), first)
+    assert not torch.equal(keep_mask(torch.Size([7, 11]), 0.3), first)
 
 
 def test_eval_mode_and_p_zero_are_the_identity():
