@@ -143,7 +143,7 @@ def main() -> None:
     show("  attention one example at a time", step(trl_head, packed, attention=PACKED_ATTENTION))
     show("  our head on loss-bearing positions", step(our_head, packed, attention=PACKED_ATTENTION))
     use_uniform_dropout(model)
-    last = show("  uniform-draw LoRA dropout (mathtune train)", step(our_head, packed, attention=PACKED_ATTENTION))
+    last = show("  LoRA dropout masks from 16-bit words (mathtune train)", step(our_head, packed, attention=PACKED_ATTENTION))
     print(f"ratio: {first / last:.2f}x")
     show("  (mathtune train with gradient checkpointing)",
          step(our_head, packed, checkpointing=True, attention=PACKED_ATTENTION))
