@@ -4,7 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mathtune.lm_loss import LinearCrossEntropy, install_loss_head, loss_positions_head, supports_loss_head
+from mathtune.lm_loss import (
+    LinearCrossEntropy, install_loss_head, loss_positions_head, supports_loss_head, trl_head_is_compact,
+)
 from mathtune.models import TINY_RANDOM, load_model
 
 
@@ -80,3 +82,14 @@ def test_installed_head_gives_the_models_own_loss():
     out = model(input_ids=input_ids, labels=labels, loss_head=True)
     torch.testing.assert_close(out.losses.sum() / out.mask.sum(), expected, rtol=1e-5, atol=1e-6)
     assert model(input_ids=input_ids).logits.shape == (2, 12, model.config.vocab_size)  # other calls unchanged
+
+
+def test_trls_head_is_used_only_where_it_scores_loss_positions_alone(monkeypatch):
+    """TRL's fused head compacts to loss-bearing positions where Triton runs on CUDA or XPU; elsewhere ours is used."""
+    import transformers.utils
+
+    monkeypatch.setattr(transformers.utils, "is_triton_available", lambda: True)
+    assert trl_head_is_compact(torch.device("cuda"))
+    assert not trl_head_is_compact(torch.device("cpu"))
+    monkeypatch.setattr(transformers.utils, "is_triton_available", lambda: False)
+    assert not trl_head_is_compact(torch.device("cuda"))
