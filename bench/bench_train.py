@@ -100,7 +100,7 @@ def train_with_trl(args, problems: list[dict], out: Path, name: str = "trl") -> 
     return {
         "train_runtime_s": result.metrics["train_runtime"], "steps": trainer.state.global_step,
         "counted_tokens": trainer._total_train_tokens, "last_step_loss": losses[-1],
-        "inherited": {name: getattr(training_args, name) for name in
+        "inherited": {key: getattr(training_args, key) for key in
                       ("gradient_checkpointing", "padding_free", "max_length", "completion_only_loss")},
         "adapter": str(out / f"{name}-adapter"),
     }

@@ -9,7 +9,10 @@ final step on their own. Each time is the median of --repeats runs after one war
     PYTHONPATH=src python bench/profile_step.py --random-shape gemma-2b --tokenizer DIR   # on a GPU
 
 On a GPU the batch goes to the GPU, each time waits for the GPU to finish, and --trace FILE writes
-the operator table of mathtune's step from torch.profiler (time on the CPU and on the GPU per operator).
+the operator table of the last step from torch.profiler (time on the CPU and on the GPU per operator).
+The lines add the changes `mathtune train` makes on a CPU; on CUDA it instead keeps TRL's head and
+torch's dropout, and turns cuDNN's attention off (mathtune.models.prefer_shape_agnostic_attention),
+which this script leaves on: compare GPU setups with bench_train.py.
 """
 
 from __future__ import annotations
@@ -143,9 +146,9 @@ def main() -> None:
     show("  attention one example at a time", step(trl_head, packed, attention=PACKED_ATTENTION))
     show("  our head on loss-bearing positions", step(our_head, packed, attention=PACKED_ATTENTION))
     use_uniform_dropout(model)
-    last = show("  LoRA dropout masks from 16-bit words (mathtune train)", step(our_head, packed, attention=PACKED_ATTENTION))
+    last = show("  LoRA dropout masks from 16-bit words (mathtune train on a CPU)", step(our_head, packed, attention=PACKED_ATTENTION))
     print(f"ratio: {first / last:.2f}x")
-    show("  (mathtune train with gradient checkpointing)",
+    show("  (the same with gradient checkpointing)",
          step(our_head, packed, checkpointing=True, attention=PACKED_ATTENTION))
     if args.trace:
         from torch.profiler import ProfilerActivity, profile
