@@ -24,6 +24,7 @@ from mathtune import data as data_module
 from mathtune import evaluate as evaluation
 from mathtune.config import Config
 from mathtune.dropout import use_uniform_dropout
+from mathtune.fused_lora import use_fused_lora
 from mathtune.lm_loss import install_loss_head, supports_loss_head, trl_head_is_compact
 from mathtune.models import hardware_name, load_model, load_tokenizer, prefer_shape_agnostic_attention, resolve_dtype
 from mathtune.packed_attention import use_packed_attention
@@ -152,6 +153,7 @@ def make_trainer_class():
                 install_loss_head(causal_lm)
             if causal_lm.device.type == "cpu":  # elsewhere torch's dropout is one fused kernel, faster than ours
                 use_uniform_dropout(self.model)
+                use_fused_lora(self.model)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             if model.training:

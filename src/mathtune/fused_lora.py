@@ -1,0 +1,108 @@
+"""The LoRA branch of a linear layer as one autograd function: fewer passes over memory, fewer saved tensors.
+
+PEFT computes a LoRA layer as `base(x) + lora_B(lora_A(dropout(x))) * scaling`, in separate
+operations: the [tokens, out] product of lora_B is written, scaled into a second [tokens, out]
+tensor and added into a third, and backward goes through each again. On a CPU those passes over
+memory cost more than the rank-8 products themselves (bench/RESULTS.md). Autograd also keeps each
+projection's own dropped copy of its input for lora_A's gradient, although q, k and v (and gate and
+up) read the same input.
+
+Here the branch is one function: the rank-r product is added into the base output in place
+(`addmm_`, scaled on the way), and backward recomputes the dropped input from the saved input and
+keep-mask, so the three projections that share an input save it once. The products are the same as
+PEFT's, so the result is unchanged up to the order of floating-point sums. Used where PEFT's own
+forward would run plain LoRA on one adapter (no DoRA or other variant, not merged, no per-example
+adapters); anything else goes to PEFT's forward unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mathtune.dropout import UniformDropout, dropped_share, keep_mask
+
+
+class LoraBranch(torch.autograd.Function):
+    """result += scaling * (dropout(x) @ A.T) @ B.T, in place; x [..., in], result [..., out]."""
+
+    @staticmethod
+    def forward(ctx, x, result, lora_a, lora_b, scaling, drop_p):
+        flat_x = x.reshape(-1, x.shape[-1])
+        keep, keep_scale = None, 1.0
+        if drop_p > 0:
+            keep = keep_mask(flat_x.shape, drop_p, x.device)
+            keep_scale = 1 / (1 - dropped_share(drop_p))
+        # dropout(x) @ A.T = keep_scale * ((x * keep) @ A.T): the scale goes on the [tokens, r] side
+        low_rank = _masked(flat_x, keep) @ lora_a.t()  # [tokens, r]
+        if keep is not None:
+            low_rank.mul_(keep_scale)
+        result.view(-1, result.shape[-1]).addmm_(low_rank, lora_b.t(), alpha=scaling)
+        ctx.mark_dirty(result)
+        ctx.save_for_backward(x, keep, low_rank, lora_a, lora_b)
+        ctx.scaling, ctx.keep_scale = scaling, keep_scale
+        return result
+
+    @staticmethod
+    def backward(ctx, grad_result):
+        x, keep, low_rank, lora_a, lora_b = ctx.saved_tensors
+        flat_grad = grad_result.reshape(-1, grad_result.shape[-1])
+        flat_x = x.reshape(-1, x.shape[-1])
+        grad_low_rank = (flat_grad @ lora_b).mul_(ctx.scaling)  # [tokens, r]
+        grad_a = grad_b = grad_x = None
+        if ctx.needs_input_grad[3]:
+            # as (r x tokens) @ (tokens x out), transposed: the skinny-output layout is several times slower on CPUs
+            grad_b = (low_rank.t() @ flat_grad).t().mul_(ctx.scaling)
+        if ctx.needs_input_grad[2]:
+            grad_a = (grad_low_rank.t() @ _masked(flat_x, keep)).mul_(ctx.keep_scale)
+        if ctx.needs_input_grad[0]:
+            grad_x = (grad_low_rank * ctx.keep_scale) @ lora_a
+            if keep is not None:
+                grad_x.mul_(keep)
+            grad_x = grad_x.view_as(x)
+        return grad_x, grad_result, grad_a, grad_b, None, None
+
+
+def _masked(x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    return x if keep is None else torch.mul(x, keep)
+
+
+def _plain_lora_adapter(layer, args, kwargs) -> str | None:
+    """The one adapter PEFT's forward would apply as plain LoRA, or None where it would do anything else."""
+    active = [name for name in layer.active_adapters if name in layer.lora_A]
+    if (args or kwargs or layer.disable_adapters or layer.merged or len(active) != 1
+            or active[0] in getattr(layer, "lora_variant", {})):
+        return None
+    name = active[0]
+    dropout = layer.lora_dropout[name]
+    weights = (layer.lora_A[name].weight, layer.lora_B[name].weight, layer.base_layer.weight)
+    if not isinstance(dropout, (UniformDropout, torch.nn.Identity)) or len({w.dtype for w in weights}) != 1:
+        return None
+    return name
+
+
+def _fused_forward(layer, peft_forward):
+    def forward(x, *args, **kwargs):
+        name = _plain_lora_adapter(layer, args, kwargs)
+        if name is None or x.dtype != layer.lora_A[name].weight.dtype:
+            return peft_forward(x, *args, **kwargs)
+        dropout = layer.lora_dropout[name]
+        drop_p = dropout.p if isinstance(dropout, UniformDropout) and dropout.training else 0.0
+        return LoraBranch.apply(x, layer.base_layer(x), layer.lora_A[name].weight, layer.lora_B[name].weight,
+                                layer.scaling[name], drop_p)
+
+    return forward
+
+
+def use_fused_lora(model: torch.nn.Module) -> int:
+    """Route each PEFT LoRA linear layer through LoraBranch where it runs plain LoRA; returns how many.
+
+    Call after mathtune.dropout.use_uniform_dropout: the branch draws its masks the same way.
+    """
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    fused = 0
+    for module in model.modules():
+        if type(module) is LoraLinear and "forward" not in vars(module):
+            module.forward = _fused_forward(module, module.forward)
+            fused += 1
+    return fused
