@@ -47,22 +47,31 @@ def packed_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0
     """transformers' attention-function signature; query/key/value are [batch, heads, length, head_dim]."""
     length = query.shape[2]
     starts = example_starts(kwargs.get("position_ids"), length) if key.shape[2] == length else None
+    ends = starts[1:] + [length] if starts is not None else None
     needs_mask = sliding_window is not None and starts is not None and any(
-        end - start > sliding_window for start, end in zip(starts, starts[1:] + [length]))
+        end - start > sliding_window for start, end in zip(starts, ends))
     if starts is None or (needs_mask and attention_mask is None):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       sliding_window=sliding_window, **kwargs)
-    groups = getattr(module, "num_key_value_groups", 1)
-    key, value = repeat_kv(key, groups), repeat_kv(value, groups)
+    # CPU flash attention reads key/value heads shared by groups of query heads as they are; on CUDA
+    # only some kernels do (not memory-efficient attention), so there they are repeated, as transformers does
+    shared_heads = query.device.type == "cpu" and key.shape[1] != query.shape[1]
+    if not shared_heads:
+        groups = getattr(module, "num_key_value_groups", 1)
+        key, value = repeat_kv(key, groups), repeat_kv(value, groups)
+    sizes = [end - start for start, end in zip(starts, ends)]
+    # split, not slices: its backward writes the pieces' gradients into one tensor, where each slice's
+    # backward would zero a whole-row tensor of its own
+    pieces = zip(query.split(sizes, dim=2), key.split(sizes, dim=2), value.split(sizes, dim=2), starts, ends)
     outputs = []
-    for start, end in zip(starts, starts[1:] + [length]):
-        span = slice(start, end)
+    for query_piece, key_piece, value_piece, start, end in pieces:
         # An example longer than the sliding window keeps its slice of the model's own mask.
         within_window = sliding_window is None or end - start <= sliding_window
         outputs.append(torch.nn.functional.scaled_dot_product_attention(
-            query[:, :, span], key[:, :, span], value[:, :, span],
-            attn_mask=None if within_window else attention_mask[:, :, span, span],
+            query_piece, key_piece, value_piece,
+            attn_mask=None if within_window else attention_mask[:, :, start:end, start:end],
             dropout_p=dropout, scale=scaling, is_causal=within_window,
+            enable_gqa=shared_heads,
         ))
     return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None
 
