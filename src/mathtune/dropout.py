@@ -48,12 +48,12 @@ class _KeepAndScale(torch.autograd.Function):
     def forward(ctx, x, keep, scale):
         ctx.save_for_backward(keep)
         ctx.scale = scale
-        return torch.mul(x, keep).mul_(scale)
+        return torch.where(keep, x, 0.0).mul_(scale)  # where: a float-by-bool product converts the mask first
 
     @staticmethod
     def backward(ctx, grad):
         (keep,) = ctx.saved_tensors
-        return torch.mul(grad, keep).mul_(ctx.scale), None, None
+        return torch.where(keep, grad, 0.0).mul_(ctx.scale), None, None
 
 
 class UniformDropout(torch.nn.Dropout):

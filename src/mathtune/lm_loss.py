@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-VOCAB_SLICE = 4096  # words per slice: a [1024, 4096] float32 tile is 16 MiB
+VOCAB_SLICE = 1024  # words per slice: a [1024, 1024] float32 tile is 4 MiB; 7% faster here than 4096 (bench/RESULTS.md)
 TOKEN_CHUNK = 1024  # positions per pass over the vocabulary
 LOGIT_SCALES = ("logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling")  # config names
 
