@@ -10,8 +10,8 @@ final step on their own. Each time is the median of --repeats runs after one war
 
 On a GPU the batch goes to the GPU, each time waits for the GPU to finish, and --trace FILE writes
 the operator table of the last step from torch.profiler (time on the CPU and on the GPU per operator).
-The lines add the changes `mathtune train` makes on a CPU; on CUDA it instead keeps TRL's head and
-torch's dropout, and turns cuDNN's attention off (mathtune.models.prefer_shape_agnostic_attention),
+The lines add the changes `mathtune train` makes on a CPU; on CUDA it instead keeps TRL's head,
+torch's dropout and PEFT's LoRA forward, and turns cuDNN's attention off (mathtune.models.prefer_shape_agnostic_attention),
 which this script leaves on: compare GPU setups with bench_train.py.
 """
 
@@ -28,6 +28,7 @@ import torch
 from mathtune.config import LoraConfig
 from mathtune.data import read_problems, seeded_subset, tokenize_example
 from mathtune.dropout import use_uniform_dropout
+from mathtune.fused_lora import use_fused_lora
 from mathtune.lm_loss import loss_positions_head
 from mathtune.models import PACKAGED_GEMMA, load_model, load_tokenizer, resolve_dtype, resolve_model_path
 from mathtune.packed_attention import NAME as PACKED_ATTENTION, use_packed_attention
@@ -146,7 +147,9 @@ def main() -> None:
     show("  attention one example at a time", step(trl_head, packed, attention=PACKED_ATTENTION))
     show("  our head on loss-bearing positions", step(our_head, packed, attention=PACKED_ATTENTION))
     use_uniform_dropout(model)
-    last = show("  LoRA dropout masks from 16-bit words (mathtune train on a CPU)", step(our_head, packed, attention=PACKED_ATTENTION))
+    show("  LoRA dropout masks from 16-bit words", step(our_head, packed, attention=PACKED_ATTENTION))
+    use_fused_lora(model)
+    last = show("  LoRA branch as one function (mathtune train on a CPU)", step(our_head, packed, attention=PACKED_ATTENTION))
     print(f"ratio: {first / last:.2f}x")
     show("  (the same with gradient checkpointing)",
          step(our_head, packed, checkpointing=True, attention=PACKED_ATTENTION))
