@@ -98,3 +98,16 @@ def test_the_branch_saves_a_shared_input_once():
     assert float_storages == {x.untyped_storage().data_ptr()}
     sum(o.sum() for o in outputs).backward()
     assert x.grad is not None and all(a.grad is not None and b.grad is not None for a, b in weights)
+
+
+def test_gradient_checkpointing_recomputes_the_same_masks():
+    """Checkpointing reruns the forward in backward; the branch must draw the masks it drew the first time."""
+    model = lora_model(0.1)
+    use_fused_lora(model)
+    ids = torch.randint(0, model.config.vocab_size, (2, 24))
+    expected_loss, expected = loss_and_grads(model, ids, seed=7)
+    model.gradient_checkpointing_enable({"use_reentrant": False})
+    loss, grads = loss_and_grads(model, ids, seed=7)
+    assert torch.allclose(loss, expected_loss, rtol=1e-6)
+    for name, grad in grads.items():
+        assert torch.allclose(grad, expected[name], rtol=1e-4, atol=1e-7), name
