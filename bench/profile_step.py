@@ -117,7 +117,7 @@ def main() -> None:
 
     def our_head(batch):
         hidden = decoder(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False).last_hidden_state
-        return loss_positions_head(hidden, batch["labels"], head).losses.sum()
+        return loss_positions_head(hidden, batch["labels"], head.weight).losses.sum()
 
     def step(loss_of, batch, checkpointing=False, attention="sdpa"):
         def run():
@@ -182,7 +182,7 @@ def main() -> None:
         log_probs.sum().backward()
 
     def our_head_alone():
-        loss_positions_head(hidden.clone().requires_grad_(), packed["labels"], head).losses.sum().backward()
+        loss_positions_head(hidden.clone().requires_grad_(), packed["labels"], head.weight).losses.sum().backward()
 
     show("LM head forward + backward: TRL's, every position (as on a CPU)", trl_head_alone)
     show("LM head forward + backward: ours, loss-bearing positions", our_head_alone)

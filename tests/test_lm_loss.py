@@ -58,7 +58,7 @@ def test_only_loss_bearing_positions_are_scored():
     head = torch.nn.Linear(4, 9, bias=False).requires_grad_(False)
     hidden = torch.randn(2, 5, 4)
     labels = torch.tensor([[-100, -100, 3, 4, 8], [-100, 2, -100, 0, 1]])
-    out = loss_positions_head(hidden, labels, head, vocab_slice=2)
+    out = loss_positions_head(hidden, labels, head.weight, vocab_slice=2)
     assert out.mask.tolist() == [[False, True, True, True], [True, False, True, True]]
     full_losses = F.cross_entropy(head(hidden[:, :-1]).transpose(1, 2), labels[:, 1:], reduction="none")
     torch.testing.assert_close(out.losses, full_losses * out.mask)

@@ -26,6 +26,8 @@ from dataclasses import dataclass
 
 import torch
 
+from mathtune.compact_head import compact_rows
+
 VOCAB_SLICE = 1024  # words per slice: a [1024, 1024] float32 tile is 4 MiB; 7% faster here than 4096 (bench/RESULTS.md)
 TOKEN_CHUNK = 1024  # positions per pass over the vocabulary
 LOGIT_SCALES = ("logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling")  # config names
@@ -35,7 +37,8 @@ class LinearCrossEntropy(torch.autograd.Function):
     """Per-position cross-entropy of softmax(hidden @ weight.T) against targets, and top-1 hits.
 
     The gradient for `hidden` is computed in forward, for each position's own loss, and scaled in
-    backward by the incoming per-position gradient. `weight` is frozen (LoRA does not train the head).
+    backward by the incoming per-position gradient. `weight` is frozen (LoRA does not train the head);
+    it is the head's weight or its compact copy (mathtune.compact_head), read a slice of rows at a time.
     """
 
     @staticmethod
@@ -112,12 +115,13 @@ class HeadOutput:
     mask: torch.Tensor  # [batch, length - 1] bool: the positions that carry loss
 
 
-def loss_positions_head(hidden: torch.Tensor, labels: torch.Tensor, lm_head: torch.nn.Module,
-                        softcap: float | None = None, vocab_slice: int = VOCAB_SLICE) -> HeadOutput:
-    """The LM head and cross-entropy for the positions whose next-token label is not -100."""
+def loss_positions_head(hidden: torch.Tensor, labels: torch.Tensor, weight, softcap: float | None = None,
+                        vocab_slice: int = VOCAB_SLICE) -> HeadOutput:
+    """The LM head (its weight, or a compact copy) and cross-entropy for the positions whose next-token
+    label is not -100."""
     hidden, labels = hidden[:, :-1], labels[:, 1:]
     mask = labels != -100
-    losses, hits = LinearCrossEntropy.apply(hidden[mask], lm_head.weight, labels[mask], softcap, vocab_slice)
+    losses, hits = LinearCrossEntropy.apply(hidden[mask], weight, labels[mask], softcap, vocab_slice)
     # masked_scatter keeps the graph connected even when no position carries loss
     return HeadOutput(
         losses=losses.new_zeros(mask.shape).masked_scatter(mask, losses),
@@ -147,11 +151,14 @@ def install_loss_head(model) -> None:
     """Give a causal LM a `loss_head=True` forward mode that returns a HeadOutput instead of logits.
 
     The mode goes through the model's own forward call (so DDP, PEFT and Accelerate wrappers see an
-    ordinary forward), runs the decoder, and applies loss_positions_head; any other call is the
+    ordinary forward), runs the decoder, and applies loss_positions_head, with the head's weight in a
+    compact exact form where that saves memory (mathtune.compact_head); any other call is the
     original forward, so generation is unchanged.
     """
     original_forward = model.forward
     softcap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
+    head_weight = model.get_output_embeddings().weight
+    head_rows = compact_rows(head_weight)
 
     @functools.wraps(original_forward)
     def forward(*args, loss_head=False, labels=None, **kwargs):
@@ -160,6 +167,6 @@ def install_loss_head(model) -> None:
         kwargs.pop("num_items_in_batch", None)
         kwargs["use_cache"] = False
         hidden = model.get_decoder()(*args, **kwargs).last_hidden_state
-        return loss_positions_head(hidden, labels, model.get_output_embeddings(), softcap)
+        return loss_positions_head(hidden, labels, head_weight if head_rows is None else head_rows, softcap)
 
     model.forward = forward

@@ -1,0 +1,110 @@
+"""The compact LM head weight gives back every value exactly, and only where it saves memory."""
+
+import sys
+
+import pytest
+import torch
+
+from mathtune.compact_head import Bfloat16Rows, Int8BlockRows, as_int8_blocks, compact_rows
+from mathtune.lm_loss import LinearCrossEntropy
+
+linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/smaps")
+
+
+def q8_0_values(rows: int, width: int, seed: int = 0) -> torch.Tensor:
+    """float32 values as GGUF's Q8_0 dequantization makes them: int8 codes (largest +-127) x float16 scales."""
+    generator = torch.Generator().manual_seed(seed)
+    codes = torch.randint(-127, 128, (rows, width // 32, 32), generator=generator)
+    codes[:, :, 0] = 127 * torch.sign(torch.randn(rows, width // 32, generator=generator)).clamp(min=0).mul(2).sub(1)
+    scales = torch.rand(rows, width // 32, 1, generator=generator).mul(0.01).half().float()
+    return (codes.float() * scales).reshape(rows, width)
+
+
+def mapped(values: torch.Tensor, path) -> torch.Tensor:
+    """The values read back through a private file mapping, as transformers memory-maps float32 safetensors."""
+    values.numpy().tofile(path)
+    return torch.from_file(str(path), shared=False, size=values.numel(), dtype=values.dtype).view(values.shape)
+
+
+def resident_kb(tensor: torch.Tensor) -> int:
+    address = tensor.data_ptr()
+    inside = False
+    for line in open("/proc/self/smaps"):
+        fields = line.split()
+        if not fields[0].endswith(":"):
+            low, high = (int(bound, 16) for bound in fields[0].split("-"))
+            inside = low <= address < high
+        elif inside and fields[0] == "Rss:":
+            return int(fields[1])
+    raise AssertionError("no mapping holds the tensor")
+
+
+def test_int8_blocks_give_back_q8_0_values_exactly():
+    values = q8_0_values(40, 64)
+    codes, scales = as_int8_blocks(values)
+    assert codes.dtype == torch.int8 and scales.shape == (40, 2)
+    rows = Int8BlockRows(codes, scales, torch.float32)
+    assert torch.equal(rows[0:40], values)
+    assert torch.equal(rows[7:9], values[7:9])
+    index = torch.tensor([3, 3, 0, 39])
+    assert torch.equal(rows[index], values[index])
+
+
+def test_values_off_the_int8_grid_are_refused():
+    values = q8_0_values(4, 64)
+    values[2, 5] += 1e-4
+    assert as_int8_blocks(values) is None
+    assert as_int8_blocks(torch.randn(4, 64)) is None
+    assert as_int8_blocks(torch.zeros(4, 48)) is None  # not whole blocks
+
+
+@linux_only
+def test_a_mapped_q8_0_weight_is_kept_as_int8_and_its_pages_go_back(tmp_path, monkeypatch):
+    monkeypatch.setattr("mathtune.compact_head.CHECK_ROWS", 1000)  # several pieces
+    values = q8_0_values(4096, 256)
+    weight = mapped(values, tmp_path / "weight.bin")
+    assert float(weight.sum()) == float(values.sum())  # read: every page resident
+    assert resident_kb(weight) >= 4096 * 256 * 4 // 1024 - 8
+    rows = compact_rows(weight)
+    assert isinstance(rows, Int8BlockRows)
+    assert torch.equal(rows[0:4096], values)
+    assert resident_kb(weight) <= 16  # handed back, but for pages shared by two pieces
+    assert torch.equal(weight, values)  # and read again from the file unchanged
+
+
+@linux_only
+def test_a_mapped_bfloat16_valued_weight_is_kept_in_bfloat16(tmp_path):
+    values = torch.randn(300, 40).to(torch.bfloat16).to(torch.float32)
+    rows = compact_rows(mapped(values, tmp_path / "weight.bin"))
+    assert isinstance(rows, Bfloat16Rows) and rows.values.dtype == torch.bfloat16
+    assert torch.equal(rows[0:300], values)
+    assert torch.equal(rows[torch.tensor([5, 1])], values[[5, 1]])
+
+
+@linux_only
+def test_weights_that_would_not_save_memory_are_left_alone(tmp_path):
+    values = q8_0_values(64, 64)
+    assert compact_rows(values.clone()) is None  # ordinary memory: a copy would add to it
+    written = mapped(values, tmp_path / "written.bin")
+    written[0, 0] = written[0, 0] * 1  # a page written to no longer matches the file
+    assert compact_rows(written) is None
+    assert compact_rows(mapped(torch.randn(64, 64), tmp_path / "random.bin")) is None  # neither form
+    mixed = q8_0_values(64, 64)
+    mixed[63, 0] += 1e-4
+    assert compact_rows(mapped(mixed, tmp_path / "mixed.bin")) is None
+
+
+@pytest.mark.parametrize("softcap", [None, 3.0])
+def test_the_loss_head_gives_the_same_results_from_the_compact_weight(softcap):
+    torch.manual_seed(0)
+    weight = q8_0_values(300, 64)
+    hidden = torch.randn(6, 64)
+    targets = torch.tensor([0, 299, 17, 17, 128, 5])
+    results = []
+    for head_weight in (weight, Int8BlockRows(*as_int8_blocks(weight), torch.float32)):
+        leaf = hidden.clone().requires_grad_()
+        losses, hits = LinearCrossEntropy.apply(leaf, head_weight, targets, softcap, 64)
+        losses.sum().backward()
+        results.append((losses, hits, leaf.grad))
+    for dense, compact in zip(*results):
+        assert torch.equal(dense, compact)
