@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from mathtune.config import load_config
 from mathtune.runfiles import read_jsonl
@@ -173,3 +174,57 @@ def test_micro_batches_with_gradient_accumulation_train_as_one_batch(tmp_path, g
         assert micro == pytest.approx(whole, rel=1e-4, abs=1e-5), key
     losses = [m["loss"] for m in read_jsonl(tmp_path / "whole/tiny/metrics.jsonl") if "loss" in m]
     assert len(set(losses)) > 1, "the steps must see different examples for the comparison to mean anything"
+
+
+def collated_row(lengths):
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    collate = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True, return_position_ids=True)
+    examples, token = [], 1
+    for length in lengths:
+        ids = list(range(token, token + length))
+        examples.append({"input_ids": ids, "labels": [-100] + ids[1:]})
+        token += length
+    return collate(examples)
+
+
+def test_a_packed_row_splits_into_pieces_of_whole_examples_within_the_budget():
+    from mathtune.train import split_packed_row
+
+    row = collated_row([3, 5, 2, 4, 9])
+    pieces = split_packed_row(row, max_tokens=7)
+    # 3 | 5 + 2 | 4 | 9 (longer than the budget: alone)
+    assert [p["input_ids"].shape[1] for p in pieces] == [3, 7, 4, 9]
+    assert torch.equal(torch.cat([p["input_ids"] for p in pieces], dim=1), row["input_ids"])
+    assert torch.equal(torch.cat([p["labels"] for p in pieces], dim=1), row["labels"])
+    second = pieces[1]
+    assert second["position_ids"].tolist() == [[0, 1, 2, 3, 4, 0, 1]]
+    assert second["cu_seq_lens_q"].tolist() == second["cu_seq_lens_k"].tolist() == [0, 5, 7]
+    assert second["max_length_q"] == second["max_length_k"] == 5
+    assert second["seq_idx"].tolist() == [[0, 0, 0, 0, 0, 1, 1]]
+    assert second["cu_seq_lens_q"].dtype == row["cu_seq_lens_q"].dtype
+    assert [p["input_ids"].shape[1] for p in split_packed_row(row, max_tokens=100)] == [23]
+
+
+def test_a_batch_that_is_not_one_packed_row_stays_whole():
+    from mathtune.train import split_packed_row
+
+    row = collated_row([3, 5])
+    assert split_packed_row({**row, "attention_mask": torch.ones(1, 8)}, max_tokens=4)[0]["input_ids"].shape[1] == 8
+    two_rows = {"input_ids": torch.ones(2, 4, dtype=torch.long), "position_ids": torch.arange(4).repeat(2, 1)}
+    assert split_packed_row(two_rows, max_tokens=2) == [two_rows]
+
+
+def test_batches_split_into_passes_train_as_whole_batches(tmp_path, gsm8k_dir):
+    """train.max_tokens_per_pass cuts activation memory, not the run: with dropout off, every logged
+    training loss, token accuracy and validation loss matches whole batches."""
+    common = ["lora.dropout=0.0", "train.max_steps=3", "train.eval_steps=3", "train.logging_steps=1"]
+    whole = train(tiny_config(tmp_path / "whole", gsm8k_dir, *common))
+    split = train(tiny_config(tmp_path / "split", gsm8k_dir, *common, "train.max_tokens_per_pass=400"))
+    assert split["train_tokens"] == whole["train_tokens"]
+    assert split["train_loss_tokens"] == whole["train_loss_tokens"]
+    for key in ("loss", "mean_token_accuracy", "eval_loss"):
+        ours = [m[key] for m in read_jsonl(tmp_path / "split/tiny/metrics.jsonl") if key in m]
+        reference = [m[key] for m in read_jsonl(tmp_path / "whole/tiny/metrics.jsonl") if key in m]
+        assert len(ours) == len(reference) >= 1
+        assert ours == pytest.approx(reference, rel=1e-4, abs=1e-5), key

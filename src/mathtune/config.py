@@ -93,6 +93,9 @@ class TrainConfig:
     early_stopping_patience: int | None = 5  # in evaluations; null turns early stopping off
     early_stopping_metric: str = "eval_loss"
     gradient_checkpointing: bool = False
+    # A padding-free batch longer than this many tokens goes through forward and backward in pieces of
+    # whole examples: the same gradient, activation memory for the longest piece only; null: whole batches.
+    max_tokens_per_pass: int | None = None
     save_total_limit: int | None = 3
     seed: int = 42
     divergence_factor: float | None = None  # stop when the training loss exceeds this x its lowest; null: off
@@ -106,6 +109,8 @@ class TrainConfig:
         _positive("train.eval_steps", self.eval_steps)
         if not 0 <= self.warmup_ratio < 1:
             raise ConfigError(f"train.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.max_tokens_per_pass is not None:
+            _positive("train.max_tokens_per_pass", self.max_tokens_per_pass)
         if self.early_stopping_patience is not None:
             _positive("train.early_stopping_patience", self.early_stopping_patience)
         if self.divergence_factor is not None and not self.divergence_factor > 1:

@@ -8,6 +8,7 @@ logging, progress bars and distributed launch are the Trainer's.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -25,6 +26,7 @@ from mathtune import evaluate as evaluation
 from mathtune.config import Config
 from mathtune.dropout import use_uniform_dropout
 from mathtune.fused_lora import use_fused_lora
+from mathtune.gated_mlp import use_gated_product
 from mathtune.lm_loss import install_loss_head, supports_loss_head, trl_head_is_compact
 from mathtune.models import hardware_name, load_model, load_tokenizer, prefer_shape_agnostic_attention, resolve_dtype
 from mathtune.packed_attention import use_packed_attention
@@ -32,6 +34,9 @@ from mathtune.runfiles import append_jsonl, read_json, read_jsonl, write_json, w
 
 COUNTERS = "mathtune_counters.json"  # in each checkpoint: what restore_counters reads
 # train.early_stopping_metric -> (the Trainer's metric_for_best_model, greater_is_better)
+# what TRL's padding-free collator puts in a batch (split_packed_row cuts nothing else)
+PACKED_ROW_KEYS = {"input_ids", "labels", "position_ids", "seq_idx", "cu_seq_lens_q", "cu_seq_lens_k",
+                   "max_length_q", "max_length_k"}
 BEST_METRIC = {"eval_loss": ("eval_loss", False), "eval_exact_match": ("eval_exact_match_strict", True)}
 
 
@@ -124,6 +129,40 @@ def tokenize(problems: list[dict], tokenizer, max_length: int) -> tuple[list[dic
     return examples, dropped
 
 
+def split_packed_row(batch: dict, max_tokens: int) -> list[dict]:
+    """A padding-free batch (one row of examples end to end) cut into pieces of consecutive whole
+    examples of at most max_tokens tokens each (an example longer than that goes alone).
+
+    Each piece carries what the collator gives a row of its own: position ids and labels sliced,
+    sequence offsets and lengths for flash attention recomputed. A batch holding anything else is
+    returned whole.
+    """
+    positions = batch["position_ids"]
+    if positions.shape[0] != 1 or not set(batch) <= PACKED_ROW_KEYS:
+        return [batch]
+    starts = torch.nonzero(positions[0] == 0).flatten().tolist()
+    ends = starts[1:] + [positions.shape[1]]
+    groups, first = [], 0  # [first, last) example indices of each piece
+    for index in range(1, len(starts) + 1):
+        if index == len(starts) or ends[index] - starts[first] > max_tokens:
+            groups.append((first, index))
+            first = index
+    pieces = []
+    for first, last in groups:
+        low, high = starts[first], ends[last - 1]
+        lengths = [end - start for start, end in zip(starts[first:last], ends[first:last])]
+        piece = {key: batch[key][:, low:high] for key in ("input_ids", "labels", "position_ids") if key in batch}
+        if "seq_idx" in batch:
+            piece["seq_idx"] = batch["seq_idx"][:, low:high] - first
+        if "cu_seq_lens_q" in batch:
+            offsets = torch.tensor([0, *itertools.accumulate(lengths)], dtype=batch["cu_seq_lens_q"].dtype,
+                                   device=batch["cu_seq_lens_q"].device)
+            piece.update(cu_seq_lens_q=offsets, cu_seq_lens_k=offsets, max_length_q=max(lengths),
+                         max_length_k=max(lengths))
+        pieces.append(piece)
+    return pieces
+
+
 # --- the trainer --------------------------------------------------------------------------------
 
 
@@ -135,8 +174,18 @@ def make_trainer_class():
 
     class MathTuneTrainer(SFTTrainer):
         def __init__(self, *args, validation_examples, run_dir, generation_problems, eval_config,
-                     **kwargs):
+                     max_tokens_per_pass=None, **kwargs):
             super().__init__(*args, **kwargs)
+            self.max_tokens_per_pass = max_tokens_per_pass
+            if max_tokens_per_pass and self.accelerator.num_processes > 1:
+                # each process would run its own number of pieces, and every forward of a
+                # DistributedDataParallel model is a collective operation: the processes would wait on each other
+                print("warning: train.max_tokens_per_pass works in a single process; with "
+                      f"{self.accelerator.num_processes} processes batches go through whole (lower "
+                      "train.batch_size and raise train.gradient_accumulation_steps to save memory)",
+                      file=sys.stderr, flush=True)
+                self.max_tokens_per_pass = None
+            self.piece_accuracy = None  # [correct, loss-bearing] summed over a split batch's pieces
             self.validation_examples = validation_examples
             self.run_dir = run_dir
             self.generation_problems = generation_problems
@@ -154,6 +203,29 @@ def make_trainer_class():
             if causal_lm.device.type == "cpu":  # elsewhere torch's dropout is one fused kernel, faster than ours
                 use_uniform_dropout(self.model)
                 use_fused_lora(self.model)
+                use_gated_product(self.model)  # (measured on CPUs only)
+
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            """A batch longer than max_tokens_per_pass goes through forward and backward piece by piece.
+
+            Every piece's loss is divided by the whole batch's loss-bearing tokens, so the gradients
+            add up to the whole batch's (as with gradient accumulation), and the batch's token accuracy
+            is logged once, over all its pieces (TRL's own head, where used, logs each piece's).
+            """
+            pieces = split_packed_row(inputs, self.max_tokens_per_pass) if self.max_tokens_per_pass else [inputs]
+            if len(pieces) == 1:
+                return super().training_step(model, inputs, num_items_in_batch)
+            if num_items_in_batch is None:
+                num_items_in_batch = int((inputs["labels"][:, 1:] != -100).sum())
+            self.piece_accuracy = [0, 0] if self.loss_head else None
+            loss = 0
+            for piece in pieces:
+                loss = loss + super().training_step(model, piece, num_items_in_batch)
+            if self.piece_accuracy is not None:
+                correct, counted = self.piece_accuracy
+                self._metrics["train"]["mean_token_accuracy"].append(correct / counted if counted else 0.0)
+                self.piece_accuracy = None
+            return loss
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             if model.training:
@@ -173,7 +245,11 @@ def make_trainer_class():
             mode = "train" if self.model.training else "eval"
             n_valid = self.accelerator.gather_for_metrics(outputs.mask.sum()).sum()
             n_correct = self.accelerator.gather_for_metrics(outputs.hits.sum()).sum()
-            self._metrics[mode]["mean_token_accuracy"].append((n_correct / n_valid).item() if n_valid > 0 else 0.0)
+            if mode == "train" and self.piece_accuracy is not None:  # one accuracy for the whole batch
+                self.piece_accuracy[0] += int(n_correct)
+                self.piece_accuracy[1] += int(n_valid)
+            else:
+                self._metrics[mode]["mean_token_accuracy"].append((n_correct / n_valid).item() if n_valid > 0 else 0.0)
             if mode == "train":  # padding-free rows hold no padding: every position is a token
                 self._total_train_tokens += int(self.accelerator.gather_for_metrics(
                     torch.tensor(inputs["input_ids"].numel(), device=self.accelerator.device)).sum())
@@ -481,6 +557,7 @@ def train(config: Config, overwrite: bool = False, resume: bool = False, merge: 
         run_dir=run_dir,
         generation_problems=data_module.seeded_subset(validation_problems, config.eval.generate_subset, config.eval.seed),
         eval_config=config.eval,
+        max_tokens_per_pass=config.train.max_tokens_per_pass,
     )
     if checkpoint:
         trainer.restore_counters(checkpoint)
