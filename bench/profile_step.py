@@ -18,6 +18,7 @@ which this script leaves on: compare GPU setups with bench_train.py.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import statistics
 import time
@@ -25,10 +26,12 @@ from pathlib import Path
 
 import torch
 
+from mathtune.compact_head import compact_rows
 from mathtune.config import LoraConfig
 from mathtune.data import read_problems, seeded_subset, tokenize_example
 from mathtune.dropout import use_uniform_dropout
 from mathtune.fused_lora import use_fused_lora
+from mathtune.gated_mlp import use_gated_product
 from mathtune.lm_loss import loss_positions_head
 from mathtune.models import PACKAGED_GEMMA, load_model, load_tokenizer, resolve_dtype, resolve_model_path
 from mathtune.packed_attention import NAME as PACKED_ATTENTION, use_packed_attention
@@ -115,9 +118,9 @@ def main() -> None:
     def trl_head(batch):
         return -model(**batch, fused_lm_head=True).log_probs.sum()
 
-    def our_head(batch):
+    def our_head(batch, weight=head.weight):
         hidden = decoder(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False).last_hidden_state
-        return loss_positions_head(hidden, batch["labels"], head.weight).losses.sum()
+        return loss_positions_head(hidden, batch["labels"], weight).losses.sum()
 
     def step(loss_of, batch, checkpointing=False, attention="sdpa"):
         def run():
@@ -149,15 +152,23 @@ def main() -> None:
     use_uniform_dropout(model)
     show("  LoRA dropout masks from 16-bit words", step(our_head, packed, attention=PACKED_ATTENTION))
     use_fused_lora(model)
-    last = show("  LoRA branch as one function (mathtune train on a CPU)", step(our_head, packed, attention=PACKED_ATTENTION))
+    show("  LoRA branch as one function", step(our_head, packed, attention=PACKED_ATTENTION))
+    rows = compact_rows(head.weight)  # None where the weight is not memory-mapped or not compact (then: as above)
+    head_weight = head.weight if rows is None else rows
+    compact_head = functools.partial(our_head, weight=head_weight)
+    show(f"  head weight as {type(rows).__name__ if rows is not None else 'is (not compact here)'}",
+         step(compact_head, packed, attention=PACKED_ATTENTION))
+    use_gated_product(model)
+    last = show("  act(gate) * up as one function (= mathtune train on a CPU)",
+                step(compact_head, packed, attention=PACKED_ATTENTION))
     print(f"ratio: {first / last:.2f}x")
     show("  (the same with gradient checkpointing)",
-         step(our_head, packed, checkpointing=True, attention=PACKED_ATTENTION))
+         step(compact_head, packed, checkpointing=True, attention=PACKED_ATTENTION))
     if args.trace:
         from torch.profiler import ProfilerActivity, profile
 
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
-        mathtune_step = step(our_head, packed, attention=PACKED_ATTENTION)
+        mathtune_step = step(compact_head, packed, attention=PACKED_ATTENTION)
         with profile(activities=activities) as trace:
             mathtune_step()
             finished()
@@ -182,7 +193,7 @@ def main() -> None:
         log_probs.sum().backward()
 
     def our_head_alone():
-        loss_positions_head(hidden.clone().requires_grad_(), packed["labels"], head.weight).losses.sum().backward()
+        loss_positions_head(hidden.clone().requires_grad_(), packed["labels"], head_weight).losses.sum().backward()
 
     show("LM head forward + backward: TRL's, every position (as on a CPU)", trl_head_alone)
     show("LM head forward + backward: ours, loss-bearing positions", our_head_alone)
