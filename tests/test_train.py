@@ -213,6 +213,8 @@ def test_a_batch_that_is_not_one_packed_row_stays_whole():
     assert split_packed_row({**row, "attention_mask": torch.ones(1, 8)}, max_tokens=4)[0]["input_ids"].shape[1] == 8
     two_rows = {"input_ids": torch.ones(2, 4, dtype=torch.long), "position_ids": torch.arange(4).repeat(2, 1)}
     assert split_packed_row(two_rows, max_tokens=2) == [two_rows]
+    padded = {"input_ids": torch.ones(2, 4, dtype=torch.long), "attention_mask": torch.ones(2, 4)}
+    assert split_packed_row(padded, max_tokens=2) == [padded]
 
 
 def test_batches_split_into_passes_train_as_whole_batches(tmp_path, gsm8k_dir):

@@ -118,6 +118,8 @@ def _in_clean_file_mapping(tensor: torch.Tensor) -> bool:
     inside, is_file, copied_kb = False, False, 0
     for line in lines:
         fields = line.split()
+        if not fields:
+            continue
         if not fields[0].endswith(":"):  # a mapping's header: "low-high perms offset device inode [path]"
             if inside:
                 break

@@ -33,10 +33,10 @@ from mathtune.packed_attention import use_packed_attention
 from mathtune.runfiles import append_jsonl, read_json, read_jsonl, write_json, write_text
 
 COUNTERS = "mathtune_counters.json"  # in each checkpoint: what restore_counters reads
-# train.early_stopping_metric -> (the Trainer's metric_for_best_model, greater_is_better)
 # what TRL's padding-free collator puts in a batch (split_packed_row cuts nothing else)
 PACKED_ROW_KEYS = {"input_ids", "labels", "position_ids", "seq_idx", "cu_seq_lens_q", "cu_seq_lens_k",
                    "max_length_q", "max_length_k"}
+# train.early_stopping_metric -> (the Trainer's metric_for_best_model, greater_is_better)
 BEST_METRIC = {"eval_loss": ("eval_loss", False), "eval_exact_match": ("eval_exact_match_strict", True)}
 
 
@@ -137,8 +137,8 @@ def split_packed_row(batch: dict, max_tokens: int) -> list[dict]:
     sequence offsets and lengths for flash attention recomputed. A batch holding anything else is
     returned whole.
     """
-    positions = batch["position_ids"]
-    if positions.shape[0] != 1 or not set(batch) <= PACKED_ROW_KEYS:
+    positions = batch.get("position_ids")
+    if positions is None or positions.shape[0] != 1 or not set(batch) <= PACKED_ROW_KEYS:
         return [batch]
     starts = torch.nonzero(positions[0] == 0).flatten().tolist()
     ends = starts[1:] + [positions.shape[1]]
