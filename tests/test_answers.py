@@ -1,6 +1,7 @@
 """Tests for mathtune.answers: extraction, scoring, safe arithmetic, slip detection."""
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -14,6 +15,10 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from mathtune.answers import (
+    MAX_ABS,
+    MAX_CHARS,
+    MAX_DEPTH,
+    MAX_TOKENS,
     UnsafeExpression,
     check_arithmetic,
     count_reasoning_steps,
@@ -196,7 +201,10 @@ def _expressions() -> st.SearchStrategy[tuple[str, Fraction]]:
 @given(_expressions())
 def test_safe_eval_matches_exact_arithmetic(case: tuple[str, Fraction]) -> None:
     text, exact = case
-    assume(len(text) <= 200 and abs(exact) <= 10**30)
+    # within safe_eval's documented bounds (beyond them it refuses: test_safe_eval_never_crashes)
+    depth = max(itertools.accumulate({"(": 1, ")": -1}.get(c, 0) for c in text))
+    tokens = len(re.findall(r"[0-9]+|[-+*/()x×÷]", text))
+    assume(len(text) <= MAX_CHARS and tokens <= MAX_TOKENS and depth <= MAX_DEPTH and abs(exact) <= MAX_ABS)
     value = safe_eval(text)
     assert abs(Fraction(value) - exact) <= Fraction(1, 10**40) * max(1, abs(exact)), text
 
