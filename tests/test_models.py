@@ -25,3 +25,40 @@ def test_on_cuda_attention_never_uses_cudnn(monkeypatch):
         assert not torch.backends.cuda.cudnn_sdp_enabled()
     finally:
         torch.backends.cuda.enable_cudnn_sdp(was)
+
+
+def _small_gemma_tokenizer(cls=None):
+    from transformers import GemmaTokenizer
+
+    vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3, "<mask>": 4, "▁": 5, "4": 6, "8": 7, "48": 8,
+             "▁clips": 9, "c": 10, "l": 11, "i": 12, "p": 13, "s": 14}
+    return (cls or GemmaTokenizer)(vocab=vocab, merges=[("4", "8")])
+
+
+def test_construction_copies_go_and_the_tokenizer_encodes_and_saves_as_before(tmp_path):
+    from transformers import AutoTokenizer
+
+    from mathtune.models import drop_construction_copies
+
+    tokenizer = _small_gemma_tokenizer()
+    before = tokenizer("48 clips")["input_ids"]
+    assert drop_construction_copies(tokenizer) == ["_vocab", "_merges"]
+    assert not hasattr(tokenizer, "_vocab") and not hasattr(tokenizer, "_merges")
+    assert tokenizer("48 clips")["input_ids"] == before
+    assert 8 in before  # the merge "4" + "8" still applies
+    tokenizer.save_pretrained(tmp_path)
+    assert AutoTokenizer.from_pretrained(tmp_path)("48 clips")["input_ids"] == before
+
+
+def test_a_tokenizer_whose_methods_read_its_vocabulary_keeps_it():
+    from transformers import GemmaTokenizer
+
+    from mathtune.models import drop_construction_copies
+
+    class ReadsMerges(GemmaTokenizer):
+        def merge_count(self):
+            return [len(self._merges) for _ in (0,)][0]  # read inside a comprehension: nested code
+
+    tokenizer = _small_gemma_tokenizer(ReadsMerges)
+    assert drop_construction_copies(tokenizer) == ["_vocab"]
+    assert tokenizer.merge_count() == 1

@@ -7,10 +7,12 @@ into a plain Hugging Face directory under the cache and load that afterwards in 
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import platform
 import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -20,6 +22,8 @@ from mathtune.data import hub_reachable
 PACKAGED_GEMMA = "gemma-3-270m"
 TINY_RANDOM = "tiny-random"
 CACHE_DIR = Path(os.environ.get("MATHTUNE_CACHE", Path.home() / ".cache" / "mathtune"))
+CONSTRUCTION_COPIES = ("_vocab", "_merges")  # what transformers' fast tokenizers are built from
+_LIBC = ctypes.CDLL(None) if sys.platform.startswith("linux") else None  # malloc_trim, where glibc has it
 
 
 class ModelError(ValueError):
@@ -141,7 +145,39 @@ def load_tokenizer(name: str, revision: str | None = None):
         raise ModelError(_not_found(name, exc, offline)) from exc
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    drop_construction_copies(tokenizer)
     return tokenizer
+
+
+def drop_construction_copies(tokenizer) -> list[str]:
+    """Free the Python copies of the vocabulary and merges a fast tokenizer was built from; returns their names.
+
+    transformers 5 keeps them for the tokenizer's life, although its Rust object holds its own: for
+    Gemma 3's 262,144 words and 514,906 merges, 146 MB of the tokenizer's 321 MB, resident through
+    training. A copy goes only where no method of the tokenizer's classes but __init__ reads it
+    (Whisper's save_vocabulary reads both, so Whisper keeps them). The heap the Rust parser left
+    free goes back to the system too (57 MB more for Gemma 3).
+    """
+    read_later = _attributes_read(type(tokenizer))
+    dropped = [name for name in CONSTRUCTION_COPIES if name in vars(tokenizer) and name not in read_later]
+    for name in dropped:
+        delattr(tokenizer, name)
+    if _LIBC is not None and hasattr(_LIBC, "malloc_trim"):
+        _LIBC.malloc_trim(0)
+    return dropped
+
+
+def _attributes_read(cls: type) -> set[str]:
+    """Every name the methods of a class and its bases (their __init__ aside) look up, nested code included."""
+    names: set[str] = set()
+    codes = [getattr(getattr(member, "fget", getattr(member, "__func__", member)), "__code__", None)
+             for klass in cls.__mro__ for attribute, member in vars(klass).items() if attribute != "__init__"]
+    while codes:
+        code = codes.pop()
+        if code is not None:
+            names.update(code.co_names)
+            codes.extend(const for const in code.co_consts if hasattr(const, "co_names"))
+    return names
 
 
 def check_model(name: str, revision: str | None = None) -> None:
