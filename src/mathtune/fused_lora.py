@@ -28,16 +28,8 @@ class LoraBranch(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, result, lora_a, lora_b, scaling, drop_p):
-        flat_x = x.reshape(-1, x.shape[-1])
-        keep, keep_scale = None, 1.0
-        if drop_p > 0:
-            keep = keep_mask(flat_x.shape, drop_p, x.device)
-            keep_scale = 1 / (1 - dropped_share(drop_p))
-        # dropout(x) @ A.T = keep_scale * ((x * keep) @ A.T): the scale goes on the [tokens, r] side
-        low_rank = _masked(flat_x, keep) @ lora_a.t()  # [tokens, r]
-        if keep is not None:
-            low_rank.mul_(keep_scale)
-        result.view(-1, result.shape[-1]).addmm_(low_rank, lora_b.t(), alpha=scaling)
+        keep, keep_scale, low_rank = add_lora(x.reshape(-1, x.shape[-1]), result.view(-1, result.shape[-1]),
+                                              lora_a, lora_b, scaling, drop_p)
         ctx.mark_dirty(result)
         ctx.save_for_backward(x, keep, low_rank, lora_a, lora_b)
         ctx.scaling, ctx.keep_scale = scaling, keep_scale
@@ -46,21 +38,41 @@ class LoraBranch(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_result):
         x, keep, low_rank, lora_a, lora_b = ctx.saved_tensors
-        flat_grad = grad_result.reshape(-1, grad_result.shape[-1])
-        flat_x = x.reshape(-1, x.shape[-1])
-        grad_low_rank = (flat_grad @ lora_b).mul_(ctx.scaling)  # [tokens, r]
-        grad_a = grad_b = grad_x = None
-        if ctx.needs_input_grad[3]:
-            # as (r x tokens) @ (tokens x out), transposed: the skinny-output layout is several times slower on CPUs
-            grad_b = (low_rank.t() @ flat_grad).t().mul_(ctx.scaling)
-        if ctx.needs_input_grad[2]:
-            grad_a = (grad_low_rank.t() @ _masked(flat_x, keep)).mul_(ctx.keep_scale)
-        if ctx.needs_input_grad[0]:
-            grad_x = (grad_low_rank * ctx.keep_scale) @ lora_a
-            if keep is not None:
-                grad_x.mul_(keep)
-            grad_x = grad_x.view_as(x)
-        return grad_x, grad_result, grad_a, grad_b, None, None
+        grad_x, grad_a, grad_b = lora_grads(
+            grad_result.reshape(-1, grad_result.shape[-1]), x.reshape(-1, x.shape[-1]), keep, ctx.keep_scale,
+            low_rank, lora_a, lora_b, ctx.scaling, ctx.needs_input_grad[0], ctx.needs_input_grad[2],
+            ctx.needs_input_grad[3])
+        return None if grad_x is None else grad_x.view_as(x), grad_result, grad_a, grad_b, None, None
+
+
+def add_lora(flat_x, flat_result, lora_a, lora_b, scaling, drop_p):
+    """flat_result += scaling * (dropout(flat_x) @ A.T) @ B.T in place; returns (keep, keep_scale, low_rank) for lora_grads."""
+    keep, keep_scale = None, 1.0
+    if drop_p > 0:
+        keep = keep_mask(flat_x.shape, drop_p, flat_x.device)
+        keep_scale = 1 / (1 - dropped_share(drop_p))
+    # dropout(x) @ A.T = keep_scale * ((x * keep) @ A.T): the scale goes on the [tokens, r] side
+    low_rank = _masked(flat_x, keep) @ lora_a.t()  # [tokens, r]
+    if keep is not None:
+        low_rank.mul_(keep_scale)
+    flat_result.addmm_(low_rank, lora_b.t(), alpha=scaling)
+    return keep, keep_scale, low_rank
+
+
+def lora_grads(flat_grad, flat_x, keep, keep_scale, low_rank, lora_a, lora_b, scaling, want_x, want_a, want_b):
+    """The LoRA branch's gradients for x (its own share), A and B, each None where not wanted."""
+    grad_low_rank = (flat_grad @ lora_b).mul_(scaling)  # [tokens, r]
+    grad_a = grad_b = grad_x = None
+    if want_b:
+        # as (r x tokens) @ (tokens x out), transposed: the skinny-output layout is several times slower on CPUs
+        grad_b = (low_rank.t() @ flat_grad).t().mul_(scaling)
+    if want_a:
+        grad_a = (grad_low_rank.t() @ _masked(flat_x, keep)).mul_(keep_scale)
+    if want_x:
+        grad_x = (grad_low_rank * keep_scale) @ lora_a
+        if keep is not None:
+            grad_x.mul_(keep)
+    return grad_x, grad_a, grad_b
 
 
 def _masked(x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
@@ -82,13 +94,21 @@ def _plain_lora_adapter(layer, args, kwargs) -> str | None:
     return name
 
 
+def plain_lora(layer, x: torch.Tensor, args=(), kwargs=None) -> tuple[str, float] | None:
+    """(adapter, dropout probability) where `layer` would apply plain LoRA to x; None where PEFT's forward must run."""
+    name = _plain_lora_adapter(layer, args, kwargs or {})
+    if name is None or x.dtype != layer.lora_A[name].weight.dtype:
+        return None
+    dropout = layer.lora_dropout[name]
+    return name, dropout.p if isinstance(dropout, UniformDropout) and dropout.training else 0.0
+
+
 def _fused_forward(layer, peft_forward):
     def forward(x, *args, **kwargs):
-        name = _plain_lora_adapter(layer, args, kwargs)
-        if name is None or x.dtype != layer.lora_A[name].weight.dtype:
+        plain = plain_lora(layer, x, args, kwargs)
+        if plain is None:
             return peft_forward(x, *args, **kwargs)
-        dropout = layer.lora_dropout[name]
-        drop_p = dropout.p if isinstance(dropout, UniformDropout) and dropout.training else 0.0
+        name, drop_p = plain
         return LoraBranch.apply(x, layer.base_layer(x), layer.lora_A[name].weight, layer.lora_B[name].weight,
                                 layer.scaling[name], drop_p)
 
