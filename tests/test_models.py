@@ -1,4 +1,9 @@
-"""Model-loading helpers: the early model check and the attention backend chosen on CUDA."""
+"""Model-loading helpers: the early model check, the attention backend chosen on CUDA, tokenizer and allocation memory."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -62,3 +67,34 @@ def test_a_tokenizer_whose_methods_read_its_vocabulary_keeps_it():
     tokenizer = _small_gemma_tokenizer(ReadsMerges)
     assert drop_construction_copies(tokenizer) == ["_vocab"]
     assert tokenizer.merge_count() == 1
+
+
+def test_huge_pages_are_asked_for_where_the_kernel_offers_them(tmp_path, monkeypatch):
+    from mathtune.models import prefer_huge_pages
+
+    setting = tmp_path / "enabled"
+    monkeypatch.delenv("THP_MEM_ALLOC_ENABLE", raising=False)
+    setting.write_text("always madvise [never]\n")
+    assert not prefer_huge_pages(setting) and "THP_MEM_ALLOC_ENABLE" not in os.environ
+    assert not prefer_huge_pages(tmp_path / "missing")
+    setting.write_text("always [madvise] never\n")
+    assert prefer_huge_pages(setting) and os.environ["THP_MEM_ALLOC_ENABLE"] == "1"
+    monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", "0")  # the user's choice stands
+    assert not prefer_huge_pages(setting) and os.environ["THP_MEM_ALLOC_ENABLE"] == "0"
+
+
+@pytest.mark.skipif(not Path("/sys/kernel/mm/transparent_hugepage/enabled").exists()
+                    or "[never]" in Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text(),
+                    reason="the kernel offers no transparent huge pages")
+def test_once_asked_a_large_tensor_lies_on_huge_pages():
+    script = (
+        "import torch\n"
+        "from mathtune.models import prefer_huge_pages\n"
+        "prefer_huge_pages()\n"
+        "x = torch.ones(16 * 2**20)\n"
+        "print(sum(int(l.split()[1]) for l in open('/proc/self/smaps') if l.startswith('AnonHugePages')))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    huge_kb = int(subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                                 check=True).stdout.split()[-1])
+    assert huge_kb >= 2048  # at least one 2 MB page (none without the setting)

@@ -28,7 +28,8 @@ from mathtune.dropout import use_uniform_dropout
 from mathtune.fused_lora import use_fused_lora
 from mathtune.gated_mlp import use_gated_product
 from mathtune.lm_loss import install_loss_head, supports_loss_head, trl_head_is_compact
-from mathtune.models import hardware_name, load_model, load_tokenizer, prefer_shape_agnostic_attention, resolve_dtype
+from mathtune.models import (hardware_name, load_model, load_tokenizer, prefer_huge_pages, prefer_shape_agnostic_attention,
+                             resolve_dtype)
 from mathtune.packed_attention import use_packed_attention
 from mathtune.runfiles import append_jsonl, read_json, read_jsonl, write_json, write_text
 
@@ -501,6 +502,7 @@ def train(config: Config, overwrite: bool = False, resume: bool = False, merge: 
     from accelerate import PartialState
     from datasets import Dataset as HFDataset
 
+    prefer_huge_pages()  # before the first large tensor (mathtune's command line calls it first thing too)
     state = PartialState(cpu=not torch.cuda.is_available())  # cpu: gloo data parallelism when launched on CPUs
     run_dir = config.run_dir
     # Bad data or a model that cannot be found fail here, before the run directory is touched.
