@@ -52,3 +52,36 @@ def test_generation_is_unchanged():
     expected = model.generate(prompt, max_new_tokens=5, do_sample=False)
     use_packed_attention(model)
     assert torch.equal(model.generate(prompt, max_new_tokens=5, do_sample=False), expected)
+
+
+@pytest.mark.parametrize("heads, kv_heads", [(4, 1), (2, 2)])
+def test_example_flash_attention_matches_sdpa_per_example_and_keeps_its_output_once(heads, kv_heads):
+    from mathtune.packed_attention import ExampleFlashAttention
+
+    torch.manual_seed(0)
+    sizes, head_dim = [5, 9, 3], 16
+    length = sum(sizes)
+    query = torch.randn(1, heads, length, head_dim)
+    key, value = torch.randn(1, kv_heads, length, head_dim), torch.randn(1, kv_heads, length, head_dim)
+    grad = torch.randn(1, length, heads, head_dim)
+
+    def per_example_sdpa(q, k, v):
+        outputs = [torch.nn.functional.scaled_dot_product_attention(qp, kp, vp, is_causal=True, scale=0.3,
+                                                                    enable_gqa=heads != kv_heads)
+                   for qp, kp, vp in zip(q.split(sizes, 2), k.split(sizes, 2), v.split(sizes, 2))]
+        return torch.cat(outputs, dim=2).transpose(1, 2).contiguous()
+
+    results = []
+    for attend in (per_example_sdpa, lambda q, k, v: ExampleFlashAttention.apply(q, k, v, sizes, 0.3)):
+        q, k, v = (t.clone().requires_grad_() for t in (query, key, value))
+        kept = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
+            out = attend(q, k, v)
+        out.backward(grad)
+        # storage kept for backward, each counted once (views of one tensor share it)
+        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in kept}
+        results.append((out.detach(), q.grad, k.grad, v.grad, storages, out.untyped_storage().data_ptr()))
+    (*reference, _, _), (*ours, ours_storages, ours_output) = results
+    for a, b in zip(reference, ours):
+        assert torch.equal(a, b)  # the same kernel calls
+    assert ours_output in ours_storages  # what the model reads next is what backward keeps

@@ -18,6 +18,7 @@ from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_f
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 NAME = "mathtune_packed_sdpa"
+FLASH_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # those the CPU flash-attention kernel takes
 
 
 _last_row: list = [None, None, None]  # position_ids, length, starts: every layer asks about the same row
@@ -60,6 +61,8 @@ def packed_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0
         groups = getattr(module, "num_key_value_groups", 1)
         key, value = repeat_kv(key, groups), repeat_kv(value, groups)
     sizes = [end - start for start, end in zip(starts, ends)]
+    if query.device.type == "cpu" and query.dtype in FLASH_DTYPES and not needs_mask and not dropout:
+        return ExampleFlashAttention.apply(query, key, value, sizes, scaling), None
     # split, not slices: its backward writes the pieces' gradients into one tensor, where each slice's
     # backward would zero a whole-row tensor of its own
     pieces = zip(query.split(sizes, dim=2), key.split(sizes, dim=2), value.split(sizes, dim=2), starts, ends)
@@ -74,6 +77,47 @@ def packed_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0
             enable_gqa=shared_heads,
         ))
     return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None
+
+
+class ExampleFlashAttention(torch.autograd.Function):
+    """Causal attention within each example of a packed row, by the CPU flash-attention kernel SDPA uses.
+
+    Autograd around SDPA keeps each example's output for the kernel's backward, and the output
+    projection keeps the [length, heads * head_dim] copy it reads (concatenated and transposed):
+    the same values twice, 4 KiB per token and layer for Gemma 3 270M. Here the examples' outputs
+    are written into one [batch, length, heads, head_dim] tensor, which is both what the model reads
+    and what backward keeps, so they are kept once; the kernel calls are SDPA's own.
+    """
+
+    @staticmethod
+    def forward(ctx, query, key, value, sizes, scale):
+        batch, heads, length, head_dim = query.shape
+        output = query.new_empty(batch, length, heads, head_dim)
+        pieces = zip(query.split(sizes, 2), key.split(sizes, 2), value.split(sizes, 2), output.split(sizes, 1))
+        logsumexps = []
+        for query_piece, key_piece, value_piece, output_piece in pieces:
+            attended, logsumexp = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                query_piece, key_piece, value_piece, 0.0, True, scale=scale)
+            output_piece.copy_(attended.transpose(1, 2))
+            logsumexps.append(logsumexp)
+        ctx.save_for_backward(query, key, value, output, *logsumexps)
+        ctx.sizes, ctx.scale = sizes, scale
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        query, key, value, output, *logsumexps = ctx.saved_tensors
+        grads = [torch.empty_like(tensor) for tensor in (query, key, value)]
+        sizes = ctx.sizes
+        pieces = zip(query.split(sizes, 2), key.split(sizes, 2), value.split(sizes, 2), output.split(sizes, 1),
+                     grad_output.split(sizes, 1), logsumexps, *(grad.split(sizes, 2) for grad in grads))
+        for query_piece, key_piece, value_piece, output_piece, grad_piece, logsumexp, *grad_pieces in pieces:
+            piece_grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+                grad_piece.transpose(1, 2), query_piece, key_piece, value_piece, output_piece.transpose(1, 2),
+                logsumexp, 0.0, True, scale=ctx.scale)
+            for grad_piece_out, piece_grad in zip(grad_pieces, piece_grads):
+                grad_piece_out.copy_(piece_grad)
+        return *grads, None, None
 
 
 def use_packed_attention(model) -> None:
