@@ -70,14 +70,15 @@ def train_with_trl(args, problems: list[dict], out: Path, name: str = "trl") -> 
     """(a): SFTTrainer as TRL's documentation shows it, on a prompt/completion dataset."""
     from datasets import Dataset
     from peft import LoraConfig
-    from transformers import set_seed
+    from transformers import AutoTokenizer, set_seed
     from trl import SFTConfig, SFTTrainer
 
     from mathtune.config import load_config
 
     config = load_config("cpu-demo")
     dtype = resolve_dtype("auto")
-    tokenizer = load_tokenizer(args.model)
+    # as the documentation loads it: without mathtune.models.load_tokenizer's freeing of the construction copies
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(args.model))
     model = load_model(args.model, "auto")
     dataset = Dataset.from_list(
         [{"prompt": format_prompt(p["question"]), "completion": format_completion(p["answer"])} for p in problems]

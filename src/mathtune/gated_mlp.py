@@ -10,8 +10,8 @@ same order, so the gradients are bit for bit the same.
 Where down_proj is a plain LoRA layer (mathtune.fused_lora), its LoRA branch would keep its input
 act(gate) * up for lora_A's gradient: another [tokens, 2048] tensor per layer. GatedLoraDown
 computes the product, down_proj's frozen product and its LoRA branch in one function and recomputes
-the product in backward from gate and up, which it keeps anyway: 2 of the 3 [tokens, 2048] tensors
-instead of 4.
+the product in backward from gate and up, which it keeps anyway: two [tokens, 2048] tensors per
+layer kept, where autograd with PEFT keeps four (gate, act(gate), up and the product).
 """
 
 from __future__ import annotations
