@@ -235,10 +235,10 @@ def prefer_huge_pages(setting: Path = TRANSPARENT_HUGE_PAGES) -> bool:
 
     Training allocates and frees activations of a few MB thousands of times a step; on the heap they
     leave resident holes. With huge pages (PyTorch's THP_MEM_ALLOC_ENABLE) the peak resident memory
-    of a training run of Gemma 3 270M on 2 CPU cores went from 2.72 to 2.46 GB (2.52 in a second run),
-    at the same speed
-    (bench/RESULTS.md). PyTorch reads the variable once, at its first allocation of 2 MB or more, so
-    this must run before the model loads; a value the user set is kept. Returns whether it is on.
+    of a training run of Gemma 3 270M on 2 CPU cores went from 2.72 to 2.46 GB (2.52 in a second
+    run) at the same speed (bench/RESULTS.md). PyTorch reads the variable once, at its first
+    allocation of 2 MB or more, so this must run before the model loads; a value the user set is
+    kept. Returns whether it is on.
     """
     try:
         offered = "[never]" not in setting.read_text()
