@@ -26,10 +26,11 @@ import sys
 
 import torch
 
+from mathtune.models import LIBC
+
 BLOCK = 32  # values per Q8_0 block
 CHECK_ROWS = 16384  # rows checked (and their pages handed back) at a time: 42 MB of a 640-wide float32 matrix
 MADV_DONTNEED = 4  # Linux
-_LIBC = ctypes.CDLL(None) if sys.platform.startswith("linux") else None  # madvise, used only on Linux
 
 
 class Int8BlockRows:
@@ -138,4 +139,4 @@ def _hand_back_pages(tensor: torch.Tensor) -> None:
     first = -(-tensor.data_ptr() // page) * page
     last = (tensor.data_ptr() + tensor.numel() * tensor.element_size()) // page * page
     if last > first:
-        _LIBC.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), MADV_DONTNEED)
+        LIBC.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), MADV_DONTNEED)

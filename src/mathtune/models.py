@@ -24,7 +24,7 @@ TINY_RANDOM = "tiny-random"
 CACHE_DIR = Path(os.environ.get("MATHTUNE_CACHE", Path.home() / ".cache" / "mathtune"))
 TRANSPARENT_HUGE_PAGES = Path("/sys/kernel/mm/transparent_hugepage/enabled")  # always, madvise or never
 CONSTRUCTION_COPIES = ("_vocab", "_merges")  # what transformers' fast tokenizers are built from
-_LIBC = ctypes.CDLL(None) if sys.platform.startswith("linux") else None  # malloc_trim, where glibc has it
+LIBC = ctypes.CDLL(None) if sys.platform.startswith("linux") else None  # the C library: madvise, malloc_trim
 
 
 class ModelError(ValueError):
@@ -163,8 +163,8 @@ def drop_construction_copies(tokenizer) -> list[str]:
     dropped = [name for name in CONSTRUCTION_COPIES if name in vars(tokenizer) and name not in read_later]
     for name in dropped:
         delattr(tokenizer, name)
-    if _LIBC is not None and hasattr(_LIBC, "malloc_trim"):
-        _LIBC.malloc_trim(0)
+    if LIBC is not None and hasattr(LIBC, "malloc_trim"):  # glibc's
+        LIBC.malloc_trim(0)
     return dropped
 
 
