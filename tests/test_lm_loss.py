@@ -47,6 +47,21 @@ def test_a_tie_with_an_earlier_word_is_not_a_hit():
         assert hits.tolist() == [True, False]
 
 
+@pytest.mark.parametrize("vocab_slice", [1, 2, 5, 16, 64])
+def test_hits_are_first_arg_maxima_with_ties_across_and_within_slices(vocab_slice):
+    torch.manual_seed(1)
+    weight = torch.randint(-2, 3, (40, 3)).float()  # small integers: many words tie at the maximum
+    hidden = torch.randint(-2, 3, (30, 3)).float()
+    logits = hidden @ weight.t()
+    first_best = logits.argmax(dim=1)  # torch gives the first maximum
+    tied = [int(torch.nonzero(row == row.max())[-1]) for row in logits]  # the last of the tied words
+    targets = torch.stack([first_best[:10], torch.tensor(tied[10:20]), torch.randint(0, 40, (10,))]).flatten()
+    expected = (first_best == targets).tolist()
+    _, hits = LinearCrossEntropy.apply(hidden, weight, targets, None, vocab_slice)
+    assert hits.tolist() == expected
+    assert any(expected) and not all(expected)
+
+
 def test_the_head_weight_must_be_frozen():
     weight = torch.randn(3, 2, requires_grad=True)
     with pytest.raises(ValueError, match="frozen"):

@@ -80,13 +80,13 @@ def _chunk(hidden, weight, targets, softcap, vocab_slice, wants_grad):
     exact = torch.promote_types(hidden.dtype, torch.float32)  # the softmax in float32 at least
     running_max = torch.full((n,), float("-inf"), dtype=exact, device=device)
     total = torch.zeros(n, dtype=exact, device=device)  # sum of exp(logit - running_max)
-    best = torch.zeros(n, dtype=torch.long, device=device)
+    hit_test = _HitTest(targets, vocab_slice, exact)
     weighted = torch.zeros(n, hidden.shape[1], dtype=exact, device=device) if wants_grad else None
     for start in range(0, weight.shape[0], vocab_slice):
         words = weight[start : start + vocab_slice]
         logits, slope = _squash((hidden @ words.t()).to(exact), softcap)
-        slice_max, slice_best = logits.max(dim=1)  # the first maximum, so a later tie is not a hit
-        best = torch.where(slice_max > running_max, slice_best + start, best)
+        slice_max = logits.amax(dim=1)
+        hit_test.read(logits, slice_max)
         new_max = torch.maximum(running_max, slice_max)
         rescale = torch.exp(running_max - new_max)
         probs = logits.sub_(new_max.unsqueeze(1)).exp_()  # unnormalised, in place of the logits
@@ -99,11 +99,55 @@ def _chunk(hidden, weight, targets, softcap, vocab_slice, wants_grad):
     target_words = weight[targets]
     target_logit, target_slope = _squash((hidden * target_words).sum(dim=1).to(exact), softcap)
     losses = running_max + total.log() - target_logit
+    hits = hit_test.hits(running_max)
     if not wants_grad:
-        return losses, best == targets, None
+        return losses, hits, None
     target_term = target_words if target_slope is None else target_words * target_slope.unsqueeze(1)
     grad = weighted / total.unsqueeze(1) - target_term
-    return losses, best == targets, grad.to(hidden.dtype)
+    return losses, hits, grad.to(hidden.dtype)
+
+
+class _HitTest:
+    """Whether each position's target is the first arg-max of its logits, read slice by slice.
+
+    The target is the first arg-max exactly when its logit equals the maximum and every earlier
+    word's logit is below it. Each slice gives its maximum (amax: about 7x faster on a CPU than
+    max with indices, which every slice would need) and, for the few positions whose target lies in
+    it, the target's logit and the maximum of the words before it there; whole slices before a
+    target are covered by a running maximum over the slices' maxima at the end.
+    """
+
+    def __init__(self, targets, vocab_slice, dtype):
+        self.targets, self.vocab_slice = targets, vocab_slice
+        self.target_slice = targets // vocab_slice
+        self.target_logit = torch.full(targets.shape, float("nan"), dtype=dtype, device=targets.device)
+        self.in_slice_max = torch.full(targets.shape, float("-inf"), dtype=dtype, device=targets.device)
+        self.slice_maxima = []
+        # positions sorted by target word, so that each slice's positions are one stretch of the order
+        self.order = torch.argsort(targets)
+        self.bounds = torch.searchsorted(self.target_slice[self.order], torch.arange(
+            int(self.target_slice.max()) + 2 if len(targets) else 1, device=targets.device)).tolist()
+        self.columns = torch.arange(vocab_slice, device=targets.device)
+
+    def read(self, logits, slice_max):
+        k = len(self.slice_maxima)
+        self.slice_maxima.append(slice_max)
+        if k + 1 >= len(self.bounds) or self.bounds[k] == self.bounds[k + 1]:
+            return
+        rows = self.order[self.bounds[k] : self.bounds[k + 1]]
+        own = logits[rows]
+        columns = (self.targets[rows] - k * self.vocab_slice).unsqueeze(1)
+        self.target_logit[rows] = own.gather(1, columns).squeeze(1)
+        before = self.columns[: own.shape[1]] < columns
+        self.in_slice_max[rows] = own.masked_fill(~before, float("-inf")).amax(dim=1)
+
+    def hits(self, maximum):
+        if not self.slice_maxima:
+            return torch.zeros_like(self.targets, dtype=torch.bool)
+        running = torch.stack(self.slice_maxima).cummax(dim=0).values  # [slices, positions]
+        whole_slices = running.gather(0, (self.target_slice - 1).clamp(min=0).unsqueeze(0)).squeeze(0)
+        earlier = torch.where(self.target_slice > 0, torch.maximum(whole_slices, self.in_slice_max), self.in_slice_max)
+        return (self.target_logit == maximum) & (earlier < maximum)
 
 
 @dataclass
