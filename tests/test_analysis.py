@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -398,3 +400,10 @@ def test_summary_drops_non_finite_losses_and_resumed_duplicates():
     summary = _summary(metrics=metrics)
     assert summary["train_loss"]["last"] == losses[-1]
     assert any("not finite" in n for n in summary["notes"])
+
+
+def test_importing_the_training_module_leaves_scipy_unloaded():
+    """Training imports analysis (through evaluate); scipy.stats loads only when a statistic is computed."""
+    code = "import sys, mathtune.train; print('scipy.stats' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"

@@ -13,7 +13,6 @@ import statistics
 from collections import Counter
 
 import numpy as np
-from scipy import stats
 
 FINAL_FRACTION = 0.1  # the final phase: the last 10% of the training steps done
 SMOOTHING = 5  # trailing rolling mean over this many logged training losses
@@ -43,6 +42,14 @@ PRICES_USD_PER_HOUR = {
 
 class NotComputable(ValueError):
     """The inputs do not support a figure; the message says why, for the report's `missing` list."""
+
+
+def scipy_stats():
+    """scipy.stats, imported when a statistic is computed: `mathtune train` imports this module (through
+    evaluate) and would otherwise hold scipy.stats in memory for the whole run (19 MB resident)."""
+    from scipy import stats
+
+    return stats
 
 
 # --- proportions and paired comparisons ---------------------------------------------------------
@@ -90,7 +97,7 @@ def mcnemar_exact_p(only_base: int, only_tuned: int) -> float:
     n = only_base + only_tuned
     if n == 0:
         return 1.0
-    return float(stats.binomtest(only_base, n, 0.5, alternative="two-sided").pvalue)
+    return float(scipy_stats().binomtest(only_base, n, 0.5, alternative="two-sided").pvalue)
 
 
 # --- training curves ----------------------------------------------------------------------------
@@ -141,7 +148,7 @@ def final_phase(
     start = next(i for i, s in enumerate(steps) if s >= last_step * (1 - fraction))
     start = min(start, len(steps) - MIN_POINTS)
     smoothed = rolling_mean(losses, smoothing)
-    fit = stats.linregress(steps[start:], losses[start:], alternative="less")
+    fit = scipy_stats().linregress(steps[start:], losses[start:], alternative="less")
     p_value = None if math.isnan(fit.pvalue) else float(fit.pvalue)  # nan: the losses in the window are constant
     still_improving = bool(p_value is not None and fit.slope < 0 and p_value < alpha)
     forecast = forecast_note = None
@@ -183,11 +190,11 @@ def forecast_loss(steps: list[int], losses: list[float], steps_per_epoch: float,
         raise NotComputable(f"The second half of training logged {len(half)} losses; the fit needs {MIN_POINTS}.")
     x = np.log([s for s, _ in half])
     y = np.array([v for _, v in half])
-    fit = stats.linregress(x, y)
+    fit = scipy_stats().linregress(x, y)
     n = len(x)
     residual_sd = math.sqrt(float(np.sum((y - (fit.intercept + fit.slope * x)) ** 2)) / (n - 2))
     sxx = float(np.sum((x - x.mean()) ** 2))
-    t = stats.t.ppf(0.975, n - 2)
+    t = scipy_stats().t.ppf(0.975, n - 2)
     points = []
     for k in epochs:
         step = steps[-1] + k * steps_per_epoch
@@ -433,7 +440,7 @@ def loss_vs_exact_match(steps: list[int], losses: list[float], exact: list[float
         )
     rho = p = None
     if len(set(losses)) > 1 and len(set(exact)) > 1:  # spearmanr is undefined (nan) on a constant series
-        result = stats.spearmanr(losses, exact)
+        result = scipy_stats().spearmanr(losses, exact)
         rho, p = float(result.statistic), float(result.pvalue)
     sentences = []
     if rho is not None and rho > 0:
