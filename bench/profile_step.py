@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from mathtune.compact_head import compact_rows
+from mathtune.compact_weights import compact_rows, use_compact_base_weights
 from mathtune.config import LoraConfig
 from mathtune.data import read_problems, seeded_subset, tokenize_example
 from mathtune.dropout import use_uniform_dropout
@@ -159,7 +159,9 @@ def main() -> None:
     show(f"  head weight as {type(rows).__name__ if rows is not None else 'is (not compact here)'}",
          step(compact_head, packed, attention=PACKED_ATTENTION))
     use_gated_product(model)
-    last = show("  act(gate) * up as one function (= mathtune train on a CPU)",
+    show("  act(gate) * up as one function", step(compact_head, packed, attention=PACKED_ATTENTION))
+    compacted = use_compact_base_weights(model)  # 0 where the weights are not memory-mapped or not compact
+    last = show(f"  {compacted} frozen base weights compact (= mathtune train on a CPU)",
                 step(compact_head, packed, attention=PACKED_ATTENTION))
     print(f"ratio: {first / last:.2f}x")
     show("  (the same with gradient checkpointing)",

@@ -110,8 +110,10 @@ def test_a_lora_down_projection_trains_the_same_without_keeping_its_input(dropou
         assert torch.equal(grads_a[name], grads_b[name]), name
     config = model.get_base_model().config
     product = ids.numel() * config.intermediate_size * 4  # one act(gate) * up, float32
-    # per layer: act(gate) not kept (GatedProduct) and act(gate) * up not kept (GatedLoraDown)
-    assert kept_a - kept_b == config.num_hidden_layers * 2 * product
+    down_weight = config.hidden_size * config.intermediate_size * 4  # the model's own tensor: counted, not memory
+    # per layer: act(gate) not kept (GatedProduct) and act(gate) * up not kept (GatedLoraDown), and
+    # GatedLoraDown holds the frozen down weight outside autograd's saved tensors
+    assert kept_a - kept_b == config.num_hidden_layers * (2 * product + down_weight)
 
 
 def test_a_down_projection_with_a_trained_bias_keeps_autograd():

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import torch
 
+from mathtune.compact_weights import base_output
 from mathtune.dropout import UniformDropout, dropped_share, keep_mask
 
 
@@ -109,7 +110,7 @@ def _fused_forward(layer, peft_forward):
         if plain is None:
             return peft_forward(x, *args, **kwargs)
         name, drop_p = plain
-        return LoraBranch.apply(x, layer.base_layer(x), layer.lora_A[name].weight, layer.lora_B[name].weight,
+        return LoraBranch.apply(x, base_output(layer.base_layer, x), layer.lora_A[name].weight, layer.lora_B[name].weight,
                                 layer.scaling[name], drop_p)
 
     return forward

@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from mathtune.compact_weights import dense, frozen_weight
 from mathtune.fused_lora import add_lora, lora_grads, plain_lora
 
 # MLP classes whose forward is exactly down_proj(act_fn(gate_proj(x)) * up_proj(x))
@@ -81,28 +82,33 @@ def use_gated_product(model: torch.nn.Module) -> int:
 
 
 class GatedLoraDown(torch.autograd.Function):
-    """down(act(gate) * up), down being a frozen linear map plus a LoRA branch (as fused_lora.LoraBranch)."""
+    """down(act(gate) * up), down being a frozen linear map plus a LoRA branch (as fused_lora.LoraBranch).
+
+    `weight` is the frozen map's weight or its compact form (mathtune.compact_weights), rebuilt for
+    each product.
+    """
 
     @staticmethod
     def forward(ctx, gate, up, activation, weight, bias, lora_a, lora_b, scaling, drop_p):
         product = _act(gate, activation).mul_(up)
-        result = F.linear(product, weight, bias)
+        result = F.linear(product, dense(weight), bias)
         keep, keep_scale, low_rank = add_lora(product.view(-1, product.shape[-1]), result.view(-1, result.shape[-1]),
                                               lora_a, lora_b, scaling, drop_p)
-        ctx.save_for_backward(gate, up, keep, low_rank, weight, lora_a, lora_b)
+        ctx.save_for_backward(gate, up, keep, low_rank, lora_a, lora_b)
+        ctx.weight = weight  # frozen (a leaf or its compact form): nothing for autograd to track
         ctx.activation, ctx.scaling, ctx.keep_scale = activation, scaling, keep_scale
         return result
 
     @staticmethod
     def backward(ctx, grad_result):
-        gate, up, keep, low_rank, weight, lora_a, lora_b = ctx.saved_tensors
+        gate, up, keep, low_rank, lora_a, lora_b = ctx.saved_tensors
         activated = _act(gate, ctx.activation)
         product = activated * up  # recomputed: not kept since forward
         flat_grad = grad_result.reshape(-1, grad_result.shape[-1])
         grad_lora, grad_a, grad_b = lora_grads(flat_grad, product.view(-1, product.shape[-1]), keep, ctx.keep_scale,
                                                low_rank, lora_a, lora_b, ctx.scaling, True,
                                                ctx.needs_input_grad[5], ctx.needs_input_grad[6])
-        grad_product = (flat_grad @ weight).add_(grad_lora).view_as(up)  # the frozen map's share plus LoRA's
+        grad_product = (flat_grad @ dense(ctx.weight)).add_(grad_lora).view_as(up)  # the frozen map's share plus LoRA's
         grad_gate, grad_up = _product_grads(grad_product, gate, up, activated, ctx.activation)
         return grad_gate, grad_up, None, None, None, grad_a, grad_b, None, None
 
@@ -119,7 +125,7 @@ def _gated_forward(mlp, activation: str):
         if plain is None or type(base) is not torch.nn.Linear or not frozen:
             return down(GatedProduct.apply(gate, up, activation))
         name, drop_p = plain
-        return GatedLoraDown.apply(gate, up, activation, base.weight, base.bias, down.lora_A[name].weight,
+        return GatedLoraDown.apply(gate, up, activation, frozen_weight(base), base.bias, down.lora_A[name].weight,
                                    down.lora_B[name].weight, down.scaling[name], drop_p)
 
     return forward

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mathtune.compact_head import compact_rows
+from mathtune.compact_weights import compact_rows
 
 VOCAB_SLICE = 1024  # words per slice: a [1024, 1024] float32 tile is 4 MiB; 7% faster here than 4096 (bench/RESULTS.md)
 TOKEN_CHUNK = 1024  # positions per pass over the vocabulary
@@ -38,7 +38,7 @@ class LinearCrossEntropy(torch.autograd.Function):
 
     The gradient for `hidden` is computed in forward, for each position's own loss, and scaled in
     backward by the incoming per-position gradient. `weight` is frozen (LoRA does not train the head);
-    it is the head's weight or its compact copy (mathtune.compact_head), read a slice of rows at a time.
+    it is the head's weight or its compact copy (mathtune.compact_weights), read a slice of rows at a time.
     """
 
     @staticmethod
@@ -196,7 +196,7 @@ def install_loss_head(model) -> None:
 
     The mode goes through the model's own forward call (so DDP, PEFT and Accelerate wrappers see an
     ordinary forward), runs the decoder, and applies loss_positions_head, with the head's weight in a
-    compact exact form where that saves memory (mathtune.compact_head); any other call is the
+    compact exact form where that saves memory (mathtune.compact_weights); any other call is the
     original forward, so generation is unchanged.
     """
     original_forward = model.forward

@@ -23,6 +23,7 @@ import torch
 
 from mathtune import data as data_module
 from mathtune import evaluate as evaluation
+from mathtune.compact_weights import use_compact_base_weights
 from mathtune.config import Config
 from mathtune.dropout import use_uniform_dropout
 from mathtune.fused_lora import use_fused_lora
@@ -205,6 +206,7 @@ def make_trainer_class():
                 use_uniform_dropout(self.model)
                 use_fused_lora(self.model)
                 use_gated_product(self.model)  # (measured on CPUs only)
+                use_compact_base_weights(self.model)  # read by the products of the two above
 
         def training_step(self, model, inputs, num_items_in_batch=None):
             """A batch longer than max_tokens_per_pass goes through forward and backward piece by piece.

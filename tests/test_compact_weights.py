@@ -1,12 +1,18 @@
-"""The compact LM head weight gives back every value exactly, and only where it saves memory."""
+"""Compact frozen weights give back every value exactly, and are used only where they save memory."""
 
 import sys
 
 import pytest
 import torch
 
-from mathtune.compact_head import Bfloat16Rows, Int8BlockRows, as_int8_blocks, compact_rows
+from mathtune.compact_weights import (
+    Bfloat16Rows, Int8BlockRows, as_int8_blocks, compact_rows, use_compact_base_weights,
+)
+from mathtune.dropout import use_uniform_dropout
+from mathtune.fused_lora import use_fused_lora
+from mathtune.gated_mlp import use_gated_product
 from mathtune.lm_loss import LinearCrossEntropy
+from mathtune.models import TINY_RANDOM, load_model
 
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/smaps")
 
@@ -17,6 +23,16 @@ def q8_0_values(rows: int, width: int, seed: int = 0) -> torch.Tensor:
     codes = torch.randint(-127, 128, (rows, width // 32, 32), generator=generator)
     codes[:, :, 0] = 127 * torch.sign(torch.randn(rows, width // 32, generator=generator)).clamp(min=0).mul(2).sub(1)
     scales = torch.rand(rows, width // 32, 1, generator=generator).mul(0.01).half().float()
+    return (codes.float() * scales).reshape(rows, width)
+
+
+def q5_0_values(rows: int, width: int, seed: int = 0) -> torch.Tensor:
+    """float32 values as GGUF's Q5_0 dequantization makes them: codes -16 to 15 (a block's largest value
+    has -16) x float16 scales of either sign."""
+    generator = torch.Generator().manual_seed(seed)
+    codes = torch.randint(-15, 16, (rows, width // 32, 32), generator=generator)
+    codes[:, :, 0] = -16
+    scales = torch.rand(rows, width // 32, 1, generator=generator).sub(0.5).mul(0.02).half().float()
     return (codes.float() * scales).reshape(rows, width)
 
 
@@ -50,6 +66,14 @@ def test_int8_blocks_give_back_q8_0_values_exactly():
     assert torch.equal(rows[index], values[index])
 
 
+def test_int8_blocks_give_back_q5_0_values_and_mixed_blocks_exactly():
+    values = torch.cat([q5_0_values(20, 64), q8_0_values(20, 64)])
+    values[3, :32] = 0.0  # a block of zeros
+    codes, scales = as_int8_blocks(values)
+    assert torch.equal(Int8BlockRows(codes, scales, torch.float32)[0:40], values)
+    assert codes[:20].abs().max() == 16 and codes[20:].abs().max() == 127
+
+
 def test_values_off_the_int8_grid_are_refused():
     values = q8_0_values(4, 64)
     values[2, 5] += 1e-4
@@ -60,7 +84,7 @@ def test_values_off_the_int8_grid_are_refused():
 
 @linux_only
 def test_a_mapped_q8_0_weight_is_kept_as_int8_and_its_pages_go_back(tmp_path, monkeypatch):
-    monkeypatch.setattr("mathtune.compact_head.CHECK_ROWS", 1000)  # several pieces
+    monkeypatch.setattr("mathtune.compact_weights.CHECK_ROWS", 1000)  # several pieces
     values = q8_0_values(4096, 256)
     weight = mapped(values, tmp_path / "weight.bin")
     assert float(weight.sum()) == float(values.sum())  # read: every page resident
@@ -108,3 +132,56 @@ def test_the_loss_head_gives_the_same_results_from_the_compact_weight(softcap):
         results.append((losses, hits, leaf.grad))
     for dense, compact in zip(*results):
         assert torch.equal(dense, compact)
+
+
+PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def lora_step(model_dir, compact: bool):
+    """One LoRA training step (dropout on, CPU fast paths) of the model in model_dir: loss, LoRA gradients, model."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)  # the same LoRA weights both times
+    model = get_peft_model(load_model(str(model_dir), "float32"),
+                           LoraConfig(r=4, lora_dropout=0.1, target_modules=PROJECTIONS))
+    for module in model.modules():
+        if hasattr(module, "lora_B"):
+            torch.nn.init.normal_(module.lora_B["default"].weight)  # nonzero, so every path carries gradient
+    model.train()
+    use_uniform_dropout(model)
+    use_fused_lora(model)
+    use_gated_product(model)
+    if compact:
+        assert use_compact_base_weights(model) == 2 * len(PROJECTIONS)  # the tiny model's two layers
+    torch.manual_seed(1)
+    ids = torch.randint(4, 90, (2, 24))
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}, model
+
+
+@linux_only
+def test_lora_training_gives_the_same_results_from_compact_base_weights(tmp_path):
+    model = load_model(TINY_RANDOM, "float32")
+    for i, (name, module) in enumerate(model.named_modules()):
+        if name.rsplit(".", 1)[-1] in PROJECTIONS:
+            module.weight.data = (q5_0_values if i % 2 else q8_0_values)(*module.weight.shape, seed=i)
+    model.save_pretrained(tmp_path / "model")
+
+    loss_a, grads_a, dense_model = lora_step(tmp_path / "model", compact=False)
+    loss_b, grads_b, compact_model = lora_step(tmp_path / "model", compact=True)
+    assert torch.equal(loss_a, loss_b)
+    assert grads_a.keys() == grads_b.keys()
+    for name in grads_a:
+        assert torch.equal(grads_a[name], grads_b[name]), name
+
+    def resident(model):  # of the checkpoint file's mapping, which holds every weight
+        return resident_kb(model.get_base_model().model.layers[0].mlp.up_proj.base_layer.weight)
+
+    dense_kb, compact_kb = resident(dense_model), resident(compact_model)
+    assert compact_kb < dense_kb / 2  # the projections' float32 pages were not read while training
+    compact_model.eval()
+    with torch.no_grad():  # validation and generation use the compact weights too
+        assert torch.equal(compact_model(input_ids=torch.tensor([[5, 6, 7]])).logits,
+                           dense_model.eval()(input_ids=torch.tensor([[5, 6, 7]])).logits)
+    assert resident(compact_model) <= compact_kb
