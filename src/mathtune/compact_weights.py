@@ -14,8 +14,9 @@ bfloat16 numbers is likewise kept in bfloat16.
   the forward product and again for backward's, one matrix at a time, so no float32 copy of it is
   resident at any time (validation and generation during training too: their products would
   otherwise read the float32 pages in again). On Gemma 3 270M that keeps 90 of the 126 projection
-  matrices (63 of the decoder's 100 million weights) compact: 0.18 GB less; the rest are GGUF
-  Q4_K and Q6_K blocks, whose values are not codes x one scale.
+  matrices (63 of the decoder's 100 million weights) compact: 0.17 GB of float32 pages not
+  resident, for 0.07 GB of codes and scales (bench/RESULTS.md); the rest are GGUF Q4_K and Q6_K
+  blocks, whose values are not codes x one scale.
 
 The model keeps its float32 weights for everything else (the embedding lookup, generation, saving,
 merging). That only saves memory where a weight is memory-mapped from the checkpoint file, as
