@@ -6,17 +6,17 @@ import pytest
 import torch
 
 from mathtune.dropout import use_uniform_dropout
-from mathtune.fused_lora import LoraBranch, use_fused_lora
+from mathtune.fused_lora import LoraBranch, plain_lora, use_fused_lora
 from mathtune.models import TINY_RANDOM, load_model
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def lora_model(dropout: float):
+def lora_model(dropout: float, dtype: str = "float32"):
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(0)
-    model = get_peft_model(load_model(TINY_RANDOM, "float32"), LoraConfig(
+    model = get_peft_model(load_model(TINY_RANDOM, dtype), LoraConfig(
         r=4, lora_alpha=8, lora_dropout=dropout, target_modules=TARGETS, task_type="CAUSAL_LM"))
     for name, parameter in model.named_parameters():
         if "lora_B" in name:  # PEFT starts B at zero, which would hide every path through A
@@ -47,6 +47,26 @@ def test_fused_branch_matches_peft_in_loss_and_every_gradient(dropout):
     assert grads.keys() == expected.keys() and len(grads) == 2 * len(TARGETS) * layers
     for name, grad in grads.items():
         assert torch.allclose(grad, expected[name], rtol=1e-4, atol=1e-7), name
+
+
+def test_bfloat16_base_with_float32_adapter_is_fused_under_autocast_only():
+    """PEFT keeps LoRA weights in float32 beside a bfloat16 model; the Trainer's bf16 runs under autocast."""
+    peft_model = lora_model(0.1, "bfloat16")
+    fused_model = copy.deepcopy(peft_model)
+    use_fused_lora(fused_model)
+    layer = fused_model.base_model.model.model.layers[0].self_attn.q_proj
+    assert layer.lora_A["default"].weight.dtype == torch.float32 and layer.base_layer.weight.dtype == torch.bfloat16
+    x = torch.randn(1, 8, layer.in_features, dtype=torch.bfloat16)
+    assert plain_lora(layer, x) is None  # PEFT would compute the branch in float32 here
+    ids = torch.randint(0, peft_model.config.vocab_size, (2, 24))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert plain_lora(layer, x) == ("default", 0.1)
+        expected_loss, expected = loss_and_grads(peft_model, ids, seed=5)
+        loss, grads = loss_and_grads(fused_model, ids, seed=5)
+    assert torch.allclose(loss, expected_loss, rtol=1e-2)
+    for name, grad in grads.items():
+        assert grad.dtype == torch.float32, name
+        assert torch.allclose(grad, expected[name], rtol=0.05, atol=0.05 * expected[name].abs().max()), name
 
 
 def test_another_seed_draws_other_masks():

@@ -39,6 +39,24 @@ def test_losses_hits_and_gradient_match_full_logits(softcap, vocab_slice):
     torch.testing.assert_close(ours_hidden.grad, ref_hidden.grad, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("softcap", [None, 30.0])
+def test_bfloat16_products_stay_close_to_float64(softcap):
+    """16-bit weights: the products run in bfloat16, the softmax and the sums over slices in float32."""
+    torch.manual_seed(0)
+    hidden = torch.randn(9, 64).bfloat16()
+    weight = (torch.randn(300, 64) / 4).bfloat16()
+    targets = torch.randint(0, 300, (9,))
+    ours_hidden = hidden.clone().requires_grad_()
+    losses, _ = LinearCrossEntropy.apply(ours_hidden, weight, targets, softcap, 32)
+    losses.sum().backward()
+    ref_hidden = hidden.double().requires_grad_()
+    ref_losses, _ = reference(ref_hidden, weight.double(), targets, softcap)
+    ref_losses.sum().backward()
+    assert losses.dtype == torch.float32 and ours_hidden.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(losses.double(), ref_losses.detach(), rtol=0, atol=0.01)
+    torch.testing.assert_close(ours_hidden.grad.double(), ref_hidden.grad, rtol=0, atol=0.01)
+
+
 def test_a_tie_with_an_earlier_word_is_not_a_hit():
     weight = torch.tensor([[0.0, 1.0], [1.0, 0.0], [1.0, 0.0]])  # words 1 and 2 always tie
     hidden = torch.tensor([[2.0, 0.0], [2.0, 0.0]])

@@ -98,3 +98,40 @@ def test_once_asked_a_large_tensor_lies_on_huge_pages():
     huge_kb = int(subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
                                  check=True).stdout.split()[-1])
     assert huge_kb >= 2048  # at least one 2 MB page (none without the setting)
+
+
+def test_the_matmul_kernel_cache_is_bounded_unless_the_user_set_it(monkeypatch):
+    from mathtune.models import ONEDNN_CACHE_CAPACITY, bound_matmul_cache
+
+    monkeypatch.delenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", raising=False)
+    bound_matmul_cache()
+    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == str(ONEDNN_CACHE_CAPACITY)
+    monkeypatch.setenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "1024")
+    bound_matmul_cache()
+    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "1024"
+
+
+def test_the_packaged_model_is_copied_once_into_a_16_bit_dtype(tmp_path, monkeypatch):
+    from safetensors import safe_open
+
+    from mathtune import models
+
+    source = models.tiny_random_dir()  # stands in for the float32 conversion of the packaged GGUF
+    float32_dir = models.packaged_gemma_dir
+
+    def packaged(dtype=torch.float32):
+        return source if dtype == torch.float32 else float32_dir(dtype)
+
+    monkeypatch.setattr(models, "CACHE_DIR", tmp_path)
+    monkeypatch.setattr(models, "packaged_gemma_dir", packaged)
+    path = Path(models.resolve_model_path(models.PACKAGED_GEMMA, torch.bfloat16))
+    assert path == tmp_path / "gemma-3-270m-hf-bfloat16" and (path / "tokenizer.json").exists()
+    with safe_open(path / "model.safetensors", "pt") as copy, safe_open(source / "model.safetensors", "pt") as original:
+        assert set(copy.keys()) == set(original.keys())
+        for name in copy.keys():
+            assert copy.get_tensor(name).dtype == torch.bfloat16
+            assert torch.equal(copy.get_tensor(name), original.get_tensor(name).to(torch.bfloat16)), name
+    written = (path / "model.safetensors").stat().st_mtime_ns
+    assert Path(models.resolve_model_path(models.PACKAGED_GEMMA, torch.bfloat16)) == path
+    assert (path / "model.safetensors").stat().st_mtime_ns == written  # made once
+    assert models.resolve_model_path(models.PACKAGED_GEMMA, torch.float32) == str(source)

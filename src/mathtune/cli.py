@@ -141,9 +141,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from mathtune.models import prefer_huge_pages
+    from mathtune.models import bound_matmul_cache, prefer_huge_pages
 
     prefer_huge_pages()  # before any model loads: `mathtune run` evaluates the base model before training
+    bound_matmul_cache()
     try:
         args.func(args)
     except (ConfigError, ValueError, RuntimeError, FileNotFoundError) as exc:

@@ -89,8 +89,8 @@ def _plain_lora_adapter(layer, args, kwargs) -> str | None:
         return None
     name = active[0]
     dropout = layer.lora_dropout[name]
-    weights = (layer.lora_A[name].weight, layer.lora_B[name].weight, layer.base_layer.weight)
-    if not isinstance(dropout, (UniformDropout, torch.nn.Identity)) or len({w.dtype for w in weights}) != 1:
+    if (not isinstance(dropout, (UniformDropout, torch.nn.Identity))
+            or layer.lora_A[name].weight.dtype != layer.lora_B[name].weight.dtype):
         return None
     return name
 
@@ -98,10 +98,20 @@ def _plain_lora_adapter(layer, args, kwargs) -> str | None:
 def plain_lora(layer, x: torch.Tensor, args=(), kwargs=None) -> tuple[str, float] | None:
     """(adapter, dropout probability) where `layer` would apply plain LoRA to x; None where PEFT's forward must run."""
     name = _plain_lora_adapter(layer, args, kwargs or {})
-    if name is None or x.dtype != layer.lora_A[name].weight.dtype:
+    if name is None or x.dtype != layer.base_layer.weight.dtype:
+        return None
+    # PEFT keeps LoRA weights in float32 beside 16-bit base weights; its branch then runs in x's dtype
+    # only under autocast to that dtype (as the Trainer's bf16 does), so only then is it fused here
+    autocast = x.device.type if torch.is_autocast_enabled(x.device.type) else None
+    if x.dtype != layer.lora_A[name].weight.dtype and (autocast is None or torch.get_autocast_dtype(autocast) != x.dtype):
         return None
     dropout = layer.lora_dropout[name]
     return name, dropout.p if isinstance(dropout, UniformDropout) and dropout.training else 0.0
+
+
+def lora_weights(layer, name: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The adapter's A and B in the branch's dtype: a cast autograd follows (as autocast's) where theirs differs."""
+    return layer.lora_A[name].weight.to(dtype), layer.lora_B[name].weight.to(dtype)
 
 
 def _fused_forward(layer, peft_forward):
@@ -110,7 +120,7 @@ def _fused_forward(layer, peft_forward):
         if plain is None:
             return peft_forward(x, *args, **kwargs)
         name, drop_p = plain
-        return LoraBranch.apply(x, base_output(layer.base_layer, x), layer.lora_A[name].weight, layer.lora_B[name].weight,
+        return LoraBranch.apply(x, base_output(layer.base_layer, x), *lora_weights(layer, name, x.dtype),
                                 layer.scaling[name], drop_p)
 
     return forward

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from mathtune.compact_weights import dense, frozen_weight
-from mathtune.fused_lora import add_lora, lora_grads, plain_lora
+from mathtune.fused_lora import add_lora, lora_grads, lora_weights, plain_lora
 
 # MLP classes whose forward is exactly down_proj(act_fn(gate_proj(x)) * up_proj(x))
 GATED_MLPS = {"GemmaMLP", "Gemma2MLP", "Gemma3MLP", "LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP"}
@@ -125,7 +125,7 @@ def _gated_forward(mlp, activation: str):
         if plain is None or type(base) is not torch.nn.Linear or not frozen:
             return down(GatedProduct.apply(gate, up, activation))
         name, drop_p = plain
-        return GatedLoraDown.apply(gate, up, activation, frozen_weight(base), base.bias, down.lora_A[name].weight,
-                                   down.lora_B[name].weight, down.scaling[name], drop_p)
+        return GatedLoraDown.apply(gate, up, activation, frozen_weight(base), base.bias,
+                                   *lora_weights(down, name, gate.dtype), down.scaling[name], drop_p)
 
     return forward

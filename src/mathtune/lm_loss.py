@@ -94,10 +94,15 @@ def _chunk(hidden, weight, targets, softcap, vocab_slice, wants_grad):
         if wants_grad:
             if slope is not None:
                 probs.mul_(slope)
-            weighted.mul_(rescale.unsqueeze(1)).addmm_(probs, words.to(exact))
+            weighted.mul_(rescale.unsqueeze(1))
+            if words.dtype == exact:
+                weighted.addmm_(probs, words)
+            else:  # 16-bit weights: the product in their dtype (bf16 units; a float32 copy of each slice costs 5x)
+                weighted.add_(probs.to(words.dtype) @ words)
         running_max = new_max
     target_words = weight[targets]
-    target_logit, target_slope = _squash((hidden * target_words).sum(dim=1).to(exact), softcap)
+    # in float32: a 16-bit product rounds each of the hidden size's terms before the sum
+    target_logit, target_slope = _squash((hidden.to(exact) * target_words.to(exact)).sum(dim=1), softcap)
     losses = running_max + total.log() - target_logit
     hits = hit_test.hits(running_max)
     if not wants_grad:

@@ -22,6 +22,7 @@ from mathtune.data import hub_reachable
 PACKAGED_GEMMA = "gemma-3-270m"
 TINY_RANDOM = "tiny-random"
 CACHE_DIR = Path(os.environ.get("MATHTUNE_CACHE", Path.home() / ".cache" / "mathtune"))
+ONEDNN_CACHE_CAPACITY = 64  # matrix-product kernels oneDNN keeps (its default is 1,024): see bound_matmul_cache
 TRANSPARENT_HUGE_PAGES = Path("/sys/kernel/mm/transparent_hugepage/enabled")  # always, madvise or never
 CONSTRUCTION_COPIES = ("_vocab", "_merges")  # what transformers' fast tokenizers are built from
 LIBC = ctypes.CDLL(None) if sys.platform.startswith("linux") else None  # the C library: madvise, malloc_trim
@@ -54,8 +55,15 @@ def hardware_name() -> str:
     return f"CPU ({os.cpu_count()} cores, {platform.processor() or platform.machine()})"
 
 
-def packaged_gemma_dir() -> Path:
-    """A plain HF-format copy of the packaged Gemma 3 270M, converted from GGUF on first use."""
+def packaged_gemma_dir(dtype: torch.dtype = torch.float32) -> Path:
+    """A plain HF-format copy of the packaged Gemma 3 270M in `dtype`, converted from GGUF on first use.
+
+    A 16-bit copy is made from the float32 one (the GGUF values exactly) the first time that dtype
+    is asked for, so loading reads the weights as they are: converting float32 on load has both
+    copies resident at once (2.1 GB at the peak, against 0.5 GB of bfloat16 weights).
+    """
+    if dtype != torch.float32:
+        return _packaged_copy_in(dtype)
     target = CACHE_DIR / "gemma-3-270m-hf"
     if (target / "config.json").exists():
         return target
@@ -83,6 +91,22 @@ def packaged_gemma_dir() -> Path:
     model.save_pretrained(partial)
     tokenizer.save_pretrained(partial)
     os.replace(partial, target)  # a crash mid-conversion never leaves a half directory under the final name
+    return target
+
+
+def _packaged_copy_in(dtype: torch.dtype) -> Path:
+    target = CACHE_DIR / f"gemma-3-270m-hf-{str(dtype).removeprefix('torch.')}"
+    if (target / "config.json").exists():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = packaged_gemma_dir(torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+    partial = target.with_name(target.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    model.save_pretrained(partial)
+    AutoTokenizer.from_pretrained(source).save_pretrained(partial)
+    os.replace(partial, target)
     return target
 
 
@@ -119,10 +143,11 @@ def tiny_random_dir() -> Path:
     return target
 
 
-def resolve_model_path(name: str) -> str:
-    """A local directory for the special names, else the name itself (a local path or a Hub id)."""
+def resolve_model_path(name: str, dtype: torch.dtype = torch.float32) -> str:
+    """A local directory for the special names (the packaged model's copy in `dtype`), else the name itself
+    (a local path or a Hub id)."""
     if name == PACKAGED_GEMMA:
-        return str(packaged_gemma_dir())
+        return str(packaged_gemma_dir(dtype))
     if name == TINY_RANDOM:
         return str(tiny_random_dir())
     if Path(name).exists() or name.startswith((".", "/", "~")):
@@ -197,11 +222,12 @@ def load_model(name: str, dtype: str = "auto", revision: str | None = None, adap
     """A causal LM in eval mode, with a LoRA adapter applied when one is given."""
     from transformers import AutoModelForCausalLM
 
-    path = resolve_model_path(name)
+    torch_dtype = resolve_dtype(dtype)
+    path = resolve_model_path(name, torch_dtype)
     offline = _offline(path)
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=resolve_dtype(dtype), revision=revision, attn_implementation="sdpa",
+            path, dtype=torch_dtype, revision=revision, attn_implementation="sdpa",
             local_files_only=offline,
         )
     except OSError as exc:
@@ -247,6 +273,20 @@ def prefer_huge_pages(setting: Path = TRANSPARENT_HUGE_PAGES) -> bool:
     if offered:
         os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
     return offered and os.environ.get("THP_MEM_ALLOC_ENABLE") == "1"
+
+
+def bound_matmul_cache(capacity: int = ONEDNN_CACHE_CAPACITY) -> None:
+    """Keep oneDNN's cache of matrix-product kernels small: each kept kernel holds its own working memory.
+
+    bfloat16 products on CPUs run through oneDNN, which builds a kernel for each new product shape and
+    keeps the last 1,024 (ONEDNN_PRIMITIVE_CACHE_CAPACITY), each with about 1 MB of working memory.
+    Padding-free batches bring new token counts, so new shapes, at every step: the cache grew by about
+    40 MB a step and held 0.5 GB after one epoch of 64 problems (bench/RESULTS.md). A step of Gemma 3
+    uses a few dozen shapes, repeated across its layers, so that many kept loses no speed; reuse
+    across steps is rare anyway. oneDNN reads the variable when it builds its first kernel, so this
+    runs before any model; a value the user set is kept.
+    """
+    os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", str(capacity))
 
 
 def adapter_base_model(adapter_dir: Path) -> str:

@@ -29,9 +29,10 @@ from mathtune.dropout import use_uniform_dropout
 from mathtune.fused_lora import use_fused_lora
 from mathtune.gated_mlp import use_gated_product
 from mathtune.lm_loss import install_loss_head, supports_loss_head, trl_head_is_compact
-from mathtune.models import (hardware_name, load_model, load_tokenizer, prefer_huge_pages, prefer_shape_agnostic_attention,
-                             resolve_dtype)
+from mathtune.models import (bound_matmul_cache, hardware_name, load_model, load_tokenizer, prefer_huge_pages,
+                             prefer_shape_agnostic_attention, resolve_dtype)
 from mathtune.packed_attention import use_packed_attention
+from mathtune.rms_norm import use_gemma_rms_norm
 from mathtune.runfiles import append_jsonl, read_json, read_jsonl, write_json, write_text
 
 COUNTERS = "mathtune_counters.json"  # in each checkpoint: what restore_counters reads
@@ -207,6 +208,7 @@ def make_trainer_class():
                 use_fused_lora(self.model)
                 use_gated_product(self.model)  # (measured on CPUs only)
                 use_compact_base_weights(self.model)  # read by the products of the two above
+                use_gemma_rms_norm(self.model)
 
         def training_step(self, model, inputs, num_items_in_batch=None):
             """A batch longer than max_tokens_per_pass goes through forward and backward piece by piece.
@@ -505,6 +507,7 @@ def train(config: Config, overwrite: bool = False, resume: bool = False, merge: 
     from datasets import Dataset as HFDataset
 
     prefer_huge_pages()  # before the first large tensor (mathtune's command line calls it first thing too)
+    bound_matmul_cache()
     state = PartialState(cpu=not torch.cuda.is_available())  # cpu: gloo data parallelism when launched on CPUs
     run_dir = config.run_dir
     # Bad data or a model that cannot be found fail here, before the run directory is touched.

@@ -1,0 +1,58 @@
+"""Gemma's RMS norm as one autograd function that keeps only its input for backward.
+
+Gemma's norm computes in float32 whatever the model's dtype: `x.float() * rsqrt(mean(x^2) + eps) * (1 + w)`.
+Autograd keeps float32 intermediates for it: on a bfloat16 Gemma 3 270M, one float32 copy of each
+norm's input (six norms per layer, four of them over the hidden size) was 270 of the 670 KiB a
+training token keeps (bench/RESULTS.md). Here forward computes the same values in the same order,
+and backward recomputes the normalised input from the input in its own dtype and the per-row
+1 / rms (four bytes a row), which is all the gradient needs:
+
+    n = x / rms;   dL/dx = (g' - n * mean(g' * n)) / rms,   g' = dL/dy * (1 + w)
+
+The norms' weights are frozen under LoRA; a weight that does require grad gets its gradient too.
+"""
+
+from __future__ import annotations
+
+import torch
+
+NORMS = ("GemmaRMSNorm", "Gemma2RMSNorm", "Gemma3RMSNorm")  # transformers' classes with exactly this forward
+
+
+class GemmaRMSNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        exact = x.float()
+        inverse_rms = torch.rsqrt(exact.pow(2).mean(-1, keepdim=True) + eps)
+        ctx.save_for_backward(x, inverse_rms, weight)
+        return (exact * inverse_rms * (1.0 + weight.float())).type_as(x)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        x, inverse_rms, weight = ctx.saved_tensors
+        normed = x.float() * inverse_rms
+        grad = grad_output.float()
+        grad_weight = None
+        if ctx.needs_input_grad[1]:
+            grad_weight = (grad * normed).reshape(-1, normed.shape[-1]).sum(0).to(weight.dtype)
+        grad.mul_(1.0 + weight.float())
+        grad_x = (grad - normed * (grad * normed).mean(-1, keepdim=True)).mul_(inverse_rms)
+        return grad_x.to(x.dtype), grad_weight, None
+
+
+def use_gemma_rms_norm(model: torch.nn.Module) -> int:
+    """Route each of Gemma's RMS norms in `model` through GemmaRMSNorm; returns how many."""
+    replaced = 0
+    for module in model.modules():
+        kind = type(module)
+        if kind.__name__ in NORMS and kind.__module__.startswith("transformers.") and "forward" not in vars(module):
+            module.forward = _norm_forward(module)
+            replaced += 1
+    return replaced
+
+
+def _norm_forward(norm):
+    def forward(x):
+        return GemmaRMSNorm.apply(x, norm.weight, norm.eps)
+
+    return forward
