@@ -35,6 +35,7 @@ from mathtune.gated_mlp import use_gated_product
 from mathtune.lm_loss import loss_positions_head
 from mathtune.models import PACKAGED_GEMMA, load_model, load_tokenizer, resolve_dtype, resolve_model_path
 from mathtune.packed_attention import NAME as PACKED_ATTENTION, use_packed_attention
+from mathtune.rms_norm import use_gemma_rms_norm
 
 DATA = Path(os.environ.get("MATHTUNE_DATA") or Path(__file__).resolve().parents[1].parent / "shared/data/gsm8k")
 
@@ -122,12 +123,18 @@ def main() -> None:
         hidden = decoder(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False).last_hidden_state
         return loss_positions_head(hidden, batch["labels"], weight).losses.sum()
 
+    # the Trainer's bf16 (both setups) runs the forward pass under autocast
+    autocast = functools.partial(torch.autocast, model.device.type, dtype=torch.bfloat16,
+                                 enabled=head.weight.dtype == torch.bfloat16)
+
     def step(loss_of, batch, checkpointing=False, attention="sdpa"):
         def run():
             causal_lm.set_attn_implementation(attention)
             if checkpointing:
                 model.gradient_checkpointing_enable({"use_reentrant": False})
-            loss_of(batch).backward()
+            with autocast():
+                loss = loss_of(batch)
+            loss.backward()
             if checkpointing:
                 model.gradient_checkpointing_disable()
             model.zero_grad(set_to_none=True)
@@ -161,7 +168,9 @@ def main() -> None:
     use_gated_product(model)
     show("  act(gate) * up as one function", step(compact_head, packed, attention=PACKED_ATTENTION))
     compacted = use_compact_base_weights(model)  # 0 where the weights are not memory-mapped or not compact
-    last = show(f"  {compacted} frozen base weights compact (= mathtune train on a CPU)",
+    show(f"  {compacted} frozen base weights compact", step(compact_head, packed, attention=PACKED_ATTENTION))
+    use_gemma_rms_norm(model)
+    last = show("  RMS norms keeping only their input (= mathtune train on a CPU)",
                 step(compact_head, packed, attention=PACKED_ATTENTION))
     print(f"ratio: {first / last:.2f}x")
     show("  (the same with gradient checkpointing)",
@@ -181,9 +190,13 @@ def main() -> None:
     print("\nparts of mathtune's step:")
     causal_lm.set_attn_implementation(PACKED_ATTENTION)
     inputs = {k: v for k, v in packed.items() if k != "labels"}
-    show("decoder forward", lambda: decoder(**inputs, use_cache=False))
-    show("decoder forward + backward", lambda: decoder(**inputs, use_cache=False).last_hidden_state.sum().backward())
-    hidden = decoder(**inputs, use_cache=False).last_hidden_state.detach()
+    def decoder_forward():
+        with autocast():
+            return decoder(**inputs, use_cache=False).last_hidden_state
+
+    show("decoder forward", decoder_forward)
+    show("decoder forward + backward", lambda: decoder_forward().sum().backward())
+    hidden = decoder_forward().detach()
     from trl.kernels.chunked_logprob import ChunkedLogProbFunction
     from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE
 
