@@ -135,3 +135,18 @@ def test_the_packaged_model_is_copied_once_into_a_16_bit_dtype(tmp_path, monkeyp
     assert Path(models.resolve_model_path(models.PACKAGED_GEMMA, torch.bfloat16)) == path
     assert (path / "model.safetensors").stat().st_mtime_ns == written  # made once
     assert models.resolve_model_path(models.PACKAGED_GEMMA, torch.float32) == str(source)
+
+
+def test_a_model_directory_appears_whole_and_the_first_copy_stands(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from mathtune.models import save_model_dir, tiny_random_dir
+
+    source = tiny_random_dir()
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(source), AutoTokenizer.from_pretrained(source)
+    target = tmp_path / "copy"
+    assert save_model_dir(model, tokenizer, target) == target and (target / "config.json").exists()
+    written = (target / "config.json").stat().st_mtime_ns
+    assert save_model_dir(model, tokenizer, target) == target  # as a second process finishing later
+    assert (target / "config.json").stat().st_mtime_ns == written
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["copy"]  # no partial directory left behind

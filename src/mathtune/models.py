@@ -86,12 +86,7 @@ def packaged_gemma_dir(dtype: torch.dtype = torch.float32) -> Path:
     model.is_quantized = False
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    partial = target.with_name(target.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    model.save_pretrained(partial)
-    tokenizer.save_pretrained(partial)
-    os.replace(partial, target)  # a crash mid-conversion never leaves a half directory under the final name
-    return target
+    return save_model_dir(model, tokenizer, target)
 
 
 def _packaged_copy_in(dtype: torch.dtype) -> Path:
@@ -101,13 +96,9 @@ def _packaged_copy_in(dtype: torch.dtype) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source = packaged_gemma_dir(torch.float32)
+    print(f"Saving a {str(dtype).removeprefix('torch.')} copy of the packaged Gemma 3 270M (once)...", flush=True)
     model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
-    partial = target.with_name(target.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    model.save_pretrained(partial)
-    AutoTokenizer.from_pretrained(source).save_pretrained(partial)
-    os.replace(partial, target)
-    return target
+    return save_model_dir(model, AutoTokenizer.from_pretrained(source), target)
 
 
 def tiny_random_dir() -> Path:
@@ -134,12 +125,23 @@ def tiny_random_dir() -> Path:
         sliding_window=512, pad_token_id=0, eos_token_id=1, bos_token_id=2,
     )
     torch.manual_seed(0)
-    model = Gemma3ForCausalLM(config)
-    partial = target.with_name(target.name + ".partial")
+    return save_model_dir(Gemma3ForCausalLM(config), tokenizer, target)
+
+
+def save_model_dir(model, tokenizer, target: Path) -> Path:
+    """Save under a name of this process's own, then rename: a crash never leaves a half directory
+    under the final name, and processes launched together (data parallelism) never write into each
+    other's; where another got there first, its copy stands."""
+    partial = target.with_name(f"{target.name}.partial-{os.getpid()}")
     shutil.rmtree(partial, ignore_errors=True)
     model.save_pretrained(partial)
     tokenizer.save_pretrained(partial)
-    os.replace(partial, target)
+    try:
+        os.replace(partial, target)
+    except OSError:  # the target exists (a directory that is not empty cannot be replaced)
+        if not (target / "config.json").exists():
+            raise
+        shutil.rmtree(partial, ignore_errors=True)
     return target
 
 
