@@ -31,11 +31,12 @@ class GemmaRMSNorm(torch.autograd.Function):
     def backward(ctx, grad_output):
         x, inverse_rms, weight = ctx.saved_tensors
         normed = x.float() * inverse_rms
-        grad = grad_output.float()
         grad_weight = None
         if ctx.needs_input_grad[1]:
-            grad_weight = (grad * normed).reshape(-1, normed.shape[-1]).sum(0).to(weight.dtype)
-        grad.mul_(1.0 + weight.float())
+            grad_weight = (grad_output.float() * normed).reshape(-1, normed.shape[-1]).sum(0).to(weight.dtype)
+        # out of place: in float32, grad_output.float() is grad_output itself, which autograd may also
+        # hand to other branches (the residual connection around the norm)
+        grad = grad_output.float() * (1.0 + weight.float())
         grad_x = (grad - normed * (grad * normed).mean(-1, keepdim=True)).mul_(inverse_rms)
         return grad_x.to(x.dtype), grad_weight, None
 
