@@ -50,7 +50,8 @@ from pathlib import Path
 import torch
 
 from mathtune.data import format_completion, format_prompt, read_problems, seeded_subset, tokenize_example
-from mathtune.models import PACKAGED_GEMMA, load_model, load_tokenizer, resolve_dtype, resolve_model_path
+from mathtune.models import (PACKAGED_GEMMA, load_model, load_tokenizer, resolve_dtype, resolve_model_path,
+                             save_model_dir)
 
 DATA = Path(os.environ.get("MATHTUNE_DATA") or Path(__file__).resolve().parents[1].parent / "shared/data/gsm8k")
 SEED = 42
@@ -224,11 +225,7 @@ def random_model_dir(shape: str, tokenizer_dir: str, work: Path) -> str:
         model = GemmaForCausalLM(config).to(resolve_dtype("auto"))
     print(f"built a random {shape}-shape model: {sum(p.numel() for p in model.parameters()) / 1e9:.2f} B weights, "
           f"vocabulary {len(tokenizer)}", flush=True)
-    partial = target.with_name(target.name + ".partial")
-    model.save_pretrained(partial)
-    tokenizer.save_pretrained(partial)
-    partial.rename(target)
-    return str(target)
+    return str(save_model_dir(model, tokenizer, target))
 
 
 def run_child(args, side: str, problems_file: str, *extra: str) -> dict:

@@ -102,8 +102,9 @@ def plain_lora(layer, x: torch.Tensor, args=(), kwargs=None) -> tuple[str, float
         return None
     # PEFT keeps LoRA weights in float32 beside 16-bit base weights; its branch then runs in x's dtype
     # only under autocast to that dtype (as the Trainer's bf16 does), so only then is it fused here
-    autocast = x.device.type if torch.is_autocast_enabled(x.device.type) else None
-    if x.dtype != layer.lora_A[name].weight.dtype and (autocast is None or torch.get_autocast_dtype(autocast) != x.dtype):
+    device = x.device.type
+    autocast_to_x = torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) == x.dtype
+    if x.dtype != layer.lora_A[name].weight.dtype and not autocast_to_x:
         return None
     dropout = layer.lora_dropout[name]
     return name, dropout.p if isinstance(dropout, UniformDropout) and dropout.training else 0.0
