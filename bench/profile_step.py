@@ -190,6 +190,7 @@ def main() -> None:
     print("\nparts of mathtune's step:")
     causal_lm.set_attn_implementation(PACKED_ATTENTION)
     inputs = {k: v for k, v in packed.items() if k != "labels"}
+
     def decoder_forward():
         with autocast():
             return decoder(**inputs, use_cache=False).last_hidden_state

@@ -283,9 +283,9 @@ def bound_matmul_cache(capacity: int = ONEDNN_CACHE_CAPACITY) -> None:
     bfloat16 products on CPUs run through oneDNN, which builds a kernel for each new product shape and
     keeps the last 1,024 (ONEDNN_PRIMITIVE_CACHE_CAPACITY), each with about 1 MB of working memory.
     Padding-free batches bring new token counts, so new shapes, at every step: the cache grew by about
-    40 MB a step and held 0.5 GB after one epoch of 64 problems (bench/RESULTS.md). A step of Gemma 3
-    uses a few dozen shapes, repeated across its layers, so that many kept loses no speed; reuse
-    across steps is rare anyway. oneDNN reads the variable when it builds its first kernel, so this
+    40 MB a step, and one epoch of 64 problems peaked 0.5 GB higher than with 64 kernels kept
+    (bench/RESULTS.md). A step of Gemma 3 uses a few dozen shapes, repeated across its layers, so
+    that many kept loses no speed; reuse across steps is rare anyway. oneDNN reads the variable when it builds its first kernel, so this
     runs before any model; a value the user set is kept.
     """
     os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", str(capacity))

@@ -1,11 +1,11 @@
 """Gemma's RMS norm as one autograd function that keeps only its input for backward.
 
-Gemma's norm computes in float32 whatever the model's dtype: `x.float() * rsqrt(mean(x^2) + eps) * (1 + w)`.
-Autograd keeps float32 intermediates for it: on a bfloat16 Gemma 3 270M, one float32 copy of each
-norm's input (six norms per layer, four of them over the hidden size) was 270 of the 670 KiB a
-training token keeps (bench/RESULTS.md). Here forward computes the same values in the same order,
-and backward recomputes the normalised input from the input in its own dtype and the per-row
-1 / rms (four bytes a row), which is all the gradient needs:
+Gemma's norm computes in float32 whatever the model's dtype: `x.float() * rsqrt(mean(x^2) + eps) *
+(1 + w)`. Autograd keeps float32 intermediates for it: on a bfloat16 Gemma 3 270M, one float32 copy
+of each norm's input (six norms per layer, four of them over the hidden size) was 270 of the
+670 KiB a training token keeps for backward, frozen weights aside (bench/RESULTS.md). Here forward
+computes the same values in the same order, and backward recomputes the normalised input from the
+input in its own dtype and the per-row 1 / rms (four bytes a row), which is all the gradient needs:
 
     n = x / rms;   dL/dx = (g' - n * mean(g' * n)) / rms,   g' = dL/dy * (1 + w)
 
@@ -19,7 +19,7 @@ import torch
 NORMS = ("GemmaRMSNorm", "Gemma2RMSNorm", "Gemma3RMSNorm")  # transformers' classes with exactly this forward
 
 
-class GemmaRMSNorm(torch.autograd.Function):
+class GemmaRMSNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, eps):
         exact = x.float()
@@ -42,7 +42,7 @@ class GemmaRMSNorm(torch.autograd.Function):
 
 
 def use_gemma_rms_norm(model: torch.nn.Module) -> int:
-    """Route each of Gemma's RMS norms in `model` through GemmaRMSNorm; returns how many."""
+    """Route each of Gemma's RMS norms in `model` through GemmaRMSNormFunction; returns how many."""
     replaced = 0
     for module in model.modules():
         kind = type(module)
@@ -54,6 +54,6 @@ def use_gemma_rms_norm(model: torch.nn.Module) -> int:
 
 def _norm_forward(norm):
     def forward(x):
-        return GemmaRMSNorm.apply(x, norm.weight, norm.eps)
+        return GemmaRMSNormFunction.apply(x, norm.weight, norm.eps)
 
     return forward
