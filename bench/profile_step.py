@@ -31,7 +31,7 @@ from mathtune.config import LoraConfig
 from mathtune.data import read_problems, seeded_subset, tokenize_example
 from mathtune.dropout import use_uniform_dropout
 from mathtune.fused_lora import use_fused_lora
-from mathtune.gated_mlp import use_gated_product
+from mathtune.gated_mlp import use_gated_mlp
 from mathtune.lm_loss import loss_positions_head
 from mathtune.models import PACKAGED_GEMMA, load_model, load_tokenizer, resolve_dtype, resolve_model_path
 from mathtune.packed_attention import NAME as PACKED_ATTENTION, use_packed_attention
@@ -165,7 +165,7 @@ def main() -> None:
     compact_head = functools.partial(our_head, weight=head_weight)
     show(f"  head weight as {type(rows).__name__ if rows is not None else 'is (not compact here)'}",
          step(compact_head, packed, attention=PACKED_ATTENTION))
-    use_gated_product(model)
+    use_gated_mlp(model)
     show("  act(gate) * up as one function", step(compact_head, packed, attention=PACKED_ATTENTION))
     compacted = use_compact_base_weights(model)  # 0 where the weights are not memory-mapped or not compact
     show(f"  {compacted} frozen base weights compact", step(compact_head, packed, attention=PACKED_ATTENTION))

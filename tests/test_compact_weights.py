@@ -10,7 +10,7 @@ from mathtune.compact_weights import (
 )
 from mathtune.dropout import use_uniform_dropout
 from mathtune.fused_lora import use_fused_lora
-from mathtune.gated_mlp import use_gated_product
+from mathtune.gated_mlp import use_gated_mlp
 from mathtune.lm_loss import LinearCrossEntropy
 from mathtune.models import TINY_RANDOM, load_model
 
@@ -150,7 +150,7 @@ def lora_step(model_dir, compact: bool):
     model.train()
     use_uniform_dropout(model)
     use_fused_lora(model)
-    use_gated_product(model)
+    use_gated_mlp(model)
     if compact:
         assert use_compact_base_weights(model) == 2 * len(PROJECTIONS)  # the tiny model's two layers
     torch.manual_seed(1)

@@ -27,7 +27,7 @@ from mathtune.compact_weights import use_compact_base_weights
 from mathtune.config import Config
 from mathtune.dropout import use_uniform_dropout
 from mathtune.fused_lora import use_fused_lora
-from mathtune.gated_mlp import use_gated_product
+from mathtune.gated_mlp import use_gated_mlp
 from mathtune.lm_loss import install_loss_head, supports_loss_head, trl_head_is_compact
 from mathtune.models import (bound_matmul_cache, hardware_name, load_model, load_tokenizer, prefer_huge_pages,
                              prefer_shape_agnostic_attention, resolve_dtype)
@@ -206,7 +206,7 @@ def make_trainer_class():
             if causal_lm.device.type == "cpu":  # elsewhere torch's dropout is one fused kernel, faster than ours
                 use_uniform_dropout(self.model)
                 use_fused_lora(self.model)
-                use_gated_product(self.model)  # (measured on CPUs only)
+                use_gated_mlp(self.model)  # (measured on CPUs only)
                 use_compact_base_weights(self.model)  # read by the products of the two above
                 use_gemma_rms_norm(self.model)
 
