@@ -4,7 +4,7 @@ gradients the same way."""
 import pytest
 import torch
 
-from mathtune.dropout import UniformDropout, dropped_share, keep_mask, use_uniform_dropout
+from mathtune.dropout import UniformDropout, dropped_share, keep_mask, pack_mask, unpack_mask, use_uniform_dropout
 from mathtune.models import TINY_RANDOM, load_model
 
 
@@ -63,3 +63,27 @@ def test_replaces_each_lora_dropout():
     assert use_uniform_dropout(model) == 3 * model.config.num_hidden_layers
     dropouts = [m for m in model.modules() if isinstance(m, torch.nn.Dropout)]
     assert dropouts and all(isinstance(m, UniformDropout) for m in dropouts)
+
+
+@pytest.mark.parametrize("shape", [(3, 640), (5, 7), (1,), (0, 8), (1000, 2048)])
+def test_a_mask_packs_into_an_eighth_of_the_bytes_and_back(shape):
+    torch.manual_seed(0)
+    keep = torch.rand(shape) > 0.3
+    bits = pack_mask(keep)
+    assert bits.dtype == torch.uint8 and bits.numel() == -(-keep.numel() // 8)
+    assert torch.equal(unpack_mask(bits, keep.shape), keep)
+
+
+def test_every_byte_unpacks_to_its_bits():
+    """The integer tricks against plain bit arithmetic, for all 256 bytes (a carry between bits would show)."""
+    everything = torch.arange(256, dtype=torch.uint8)
+    expected = torch.tensor([[(byte >> i) & 1 for i in range(8)] for byte in range(256)], dtype=torch.bool)
+    assert torch.equal(unpack_mask(everything, torch.Size([256, 8])), expected)
+    assert torch.equal(pack_mask(expected), everything)
+
+
+def test_packed_bits_are_in_order():
+    """Bit i of byte j is entry 8j + i: the layout is the one documented, not merely reversible."""
+    keep = torch.zeros(16, dtype=torch.bool)
+    keep[[0, 3, 9, 15]] = True
+    assert pack_mask(keep).tolist() == [0b00001001, 0b10000010]

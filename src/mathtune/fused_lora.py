@@ -10,7 +10,7 @@ up) read the same input.
 
 Here the branch is one function: the rank-r product is added into the base output in place
 (`addmm_`, scaled on the way), and backward recomputes the dropped input from the saved input and
-keep-mask, so the three projections that share an input save it once. The products are the same as
+keep-mask (as bits), so the three projections that share an input save it once. The products are the same as
 PEFT's, so the result is unchanged up to the order of floating-point sums. Used where PEFT's own
 forward would run plain LoRA on one adapter (no DoRA or other variant, not merged, no per-example
 adapters); anything else goes to PEFT's forward unchanged.
@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from mathtune.compact_weights import base_output
-from mathtune.dropout import UniformDropout, dropped_share, keep_mask
+from mathtune.dropout import UniformDropout, dropped_share, keep_mask, pack_mask, unpack_mask
 
 
 class LoraBranch(torch.autograd.Function):
@@ -29,25 +29,26 @@ class LoraBranch(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, result, lora_a, lora_b, scaling, drop_p):
-        keep, keep_scale, low_rank = add_lora(x.reshape(-1, x.shape[-1]), result.view(-1, result.shape[-1]),
+        kept, keep_scale, low_rank = add_lora(x.reshape(-1, x.shape[-1]), result.view(-1, result.shape[-1]),
                                               lora_a, lora_b, scaling, drop_p)
         ctx.mark_dirty(result)
-        ctx.save_for_backward(x, keep, low_rank, lora_a, lora_b)
+        ctx.save_for_backward(x, kept, low_rank, lora_a, lora_b)
         ctx.scaling, ctx.keep_scale = scaling, keep_scale
         return result
 
     @staticmethod
     def backward(ctx, grad_result):
-        x, keep, low_rank, lora_a, lora_b = ctx.saved_tensors
+        x, kept, low_rank, lora_a, lora_b = ctx.saved_tensors
         grad_x, grad_a, grad_b = lora_grads(
-            grad_result.reshape(-1, grad_result.shape[-1]), x.reshape(-1, x.shape[-1]), keep, ctx.keep_scale,
+            grad_result.reshape(-1, grad_result.shape[-1]), x.reshape(-1, x.shape[-1]), kept, ctx.keep_scale,
             low_rank, lora_a, lora_b, ctx.scaling, ctx.needs_input_grad[0], ctx.needs_input_grad[2],
             ctx.needs_input_grad[3])
         return None if grad_x is None else grad_x.view_as(x), grad_result, grad_a, grad_b, None, None
 
 
 def add_lora(flat_x, flat_result, lora_a, lora_b, scaling, drop_p):
-    """flat_result += scaling * (dropout(flat_x) @ A.T) @ B.T in place; returns (keep, keep_scale, low_rank) for lora_grads."""
+    """flat_result += scaling * (dropout(flat_x) @ A.T) @ B.T in place; returns (kept, keep_scale, low_rank) for
+    lora_grads, kept being the keep-mask as bits (mathtune.dropout.pack_mask), or None without dropout."""
     keep, keep_scale = None, 1.0
     if drop_p > 0:
         keep = keep_mask(flat_x.shape, drop_p, flat_x.device)
@@ -57,11 +58,12 @@ def add_lora(flat_x, flat_result, lora_a, lora_b, scaling, drop_p):
     if keep is not None:
         low_rank.mul_(keep_scale)
     flat_result.addmm_(low_rank, lora_b.t(), alpha=scaling)
-    return keep, keep_scale, low_rank
+    return None if keep is None else pack_mask(keep), keep_scale, low_rank
 
 
-def lora_grads(flat_grad, flat_x, keep, keep_scale, low_rank, lora_a, lora_b, scaling, want_x, want_a, want_b):
+def lora_grads(flat_grad, flat_x, kept, keep_scale, low_rank, lora_a, lora_b, scaling, want_x, want_a, want_b):
     """The LoRA branch's gradients for x (its own share), A and B, each None where not wanted."""
+    keep = None if kept is None else unpack_mask(kept, flat_x.shape)
     grad_low_rank = (flat_grad @ lora_b).mul_(scaling)  # [tokens, r]
     grad_a = grad_b = grad_x = None
     if want_b:

@@ -7,7 +7,7 @@ bench/RESULTS.md); with PEFT, down_proj's LoRA branch keeps its input, the produ
 
 Where the three projections are frozen linear maps, each with a plain LoRA branch
 (mathtune.fused_lora) or none, GatedLoraMLP keeps only x (which the gate and up branches keep
-anyway), the branches' keep-masks and their [tokens, r] products; backward recomputes gate and up
+anyway), the branches' keep-masks (as bits) and their [tokens, r] products; backward recomputes gate and up
 with the same operations as forward (so the same values), then the product. That is two more
 frozen products per layer in backward (a fifth more product work in a step) for two
 [tokens, intermediate] tensors fewer: 144 of 534 KiB per token on a bfloat16 step of Gemma 3 270M.
@@ -110,7 +110,7 @@ class GatedLoraMLP(torch.autograd.Function):
         result, down_branch = _project(product, down_map, down_a, down_b)
         branches = (gate_branch, up_branch, down_branch)
         ctx.save_for_backward(x, gate_a, gate_b, up_a, up_b, down_a, down_b,
-                              *(tensor for keep, _, low_rank in branches for tensor in (keep, low_rank)))
+                              *(tensor for kept, _, low_rank in branches for tensor in (kept, low_rank)))
         ctx.keep_scales = [keep_scale for _, keep_scale, _ in branches]
         ctx.projections, ctx.activation = projections, activation
         return result.view(*x.shape[:-1], result.shape[-1])
@@ -153,7 +153,7 @@ class FrozenMap:
 
 
 def _project(flat_x, frozen: FrozenMap, lora_a, lora_b):
-    """x @ W.T + b, plus the LoRA branch where there is one (fused_lora.add_lora); and the branch's (keep, keep_scale, low_rank)."""
+    """x @ W.T + b, plus the LoRA branch where there is one (fused_lora.add_lora); and the branch's (kept, keep_scale, low_rank)."""
     result = F.linear(flat_x, dense(frozen.weight), frozen.bias)
     if lora_a is None:
         return result, (None, 1.0, None)
@@ -169,10 +169,10 @@ def _reproject(flat_x, frozen: FrozenMap, branch, lora_b):
 
 def _map_grads(flat_grad, flat_x, frozen: FrozenMap, branch, lora_a, lora_b, want_x, want_a, want_b):
     """Gradients for x (the frozen map's share plus the branch's), A and B."""
-    keep, keep_scale, low_rank = branch
+    kept, keep_scale, low_rank = branch
     grad_x = grad_a = grad_b = None
     if lora_a is not None:
-        grad_x, grad_a, grad_b = lora_grads(flat_grad, flat_x, keep, keep_scale, low_rank, lora_a, lora_b,
+        grad_x, grad_a, grad_b = lora_grads(flat_grad, flat_x, kept, keep_scale, low_rank, lora_a, lora_b,
                                             frozen.scaling, want_x, want_a, want_b)
     if want_x:
         frozen_share = flat_grad @ dense(frozen.weight)
