@@ -6,13 +6,13 @@ import pytest
 import torch
 
 from mathtune.compact_weights import (
-    Bfloat16Rows, Int8BlockRows, as_int8_blocks, compact_rows, use_compact_base_weights,
+    Bfloat16Rows, Int8BlockRows, as_int8_blocks, compact_rounded_rows, compact_rows, use_compact_base_weights,
 )
 from mathtune.dropout import use_uniform_dropout
 from mathtune.fused_lora import use_fused_lora
 from mathtune.gated_mlp import use_gated_mlp
 from mathtune.lm_loss import LinearCrossEntropy
-from mathtune.models import TINY_RANDOM, load_model
+from mathtune.models import PACKAGED_DIR_NAME, TINY_RANDOM, float32_original, load_model
 
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/smaps")
 
@@ -40,6 +40,12 @@ def mapped(values: torch.Tensor, path) -> torch.Tensor:
     """The values read back through a private file mapping, as transformers memory-maps float32 safetensors."""
     values.numpy().tofile(path)
     return torch.from_file(str(path), shared=False, size=values.numel(), dtype=values.dtype).view(values.shape)
+
+
+def mapped_bfloat16(values: torch.Tensor, path) -> torch.Tensor:
+    """mapped() for bfloat16 values (numpy has no bfloat16: their bits go through int16)."""
+    values.view(torch.int16).numpy().tofile(path)
+    return torch.from_file(str(path), shared=False, size=values.numel(), dtype=torch.bfloat16).view(values.shape)
 
 
 def resident_kb(tensor: torch.Tensor) -> int:
@@ -116,6 +122,38 @@ def test_weights_that_would_not_save_memory_are_left_alone(tmp_path):
     mixed = q8_0_values(64, 64)
     mixed[63, 0] += 1e-4
     assert compact_rows(mapped(mixed, tmp_path / "mixed.bin")) is None
+
+
+@linux_only
+def test_a_bfloat16_copy_of_q8_0_values_is_kept_as_their_int8_blocks(tmp_path, monkeypatch):
+    monkeypatch.setattr("mathtune.compact_weights.CHECK_ROWS", 1000)  # several pieces
+    values = q8_0_values(4096, 256)
+    exact = mapped(values, tmp_path / "exact.bin")
+    rounded = values.to(torch.bfloat16)
+    weight = mapped_bfloat16(rounded, tmp_path / "weight.bin")
+    rows = compact_rounded_rows(weight, exact)
+    assert isinstance(rows, Int8BlockRows) and rows.codes.dtype == torch.int8
+    assert torch.equal(rows[0:4096], rounded)
+    assert torch.equal(rows[torch.tensor([7, 3])], rounded[[7, 3]])
+    assert resident_kb(weight) <= 16 and resident_kb(exact) <= 16  # both read, both handed back
+    assert compact_rounded_rows(weight, None) is None
+    assert compact_rounded_rows(rounded.clone(), exact) is None  # ordinary memory: a copy would add to it
+    other = rounded.clone()
+    other[4095, 255] = other[4095, 255] + 1  # not the rounding of those values
+    assert compact_rounded_rows(mapped_bfloat16(other, tmp_path / "other.bin"), exact) is None
+
+
+def test_a_bfloat16_copy_of_the_packaged_model_finds_its_float32_original(tmp_path, monkeypatch):
+    """float32_original maps the float32 copy's tensor for a 16-bit copy under the cache; nothing for other models."""
+    monkeypatch.setattr("mathtune.models.CACHE_DIR", tmp_path)
+    model = load_model(TINY_RANDOM, "float32")
+    model.save_pretrained(tmp_path / PACKAGED_DIR_NAME)
+    model.to(torch.bfloat16).save_pretrained(tmp_path / f"{PACKAGED_DIR_NAME}-bfloat16")
+    copy = load_model(str(tmp_path / f"{PACKAGED_DIR_NAME}-bfloat16"), "bfloat16")
+    head = copy.get_output_embeddings().weight  # tied: stored as the embedding
+    original = float32_original(copy, head)
+    assert original.dtype == torch.float32 and torch.equal(original.to(torch.bfloat16), head)
+    assert float32_original(load_model(TINY_RANDOM, "bfloat16"), head) is None
 
 
 @pytest.mark.parametrize("softcap", [None, 3.0])

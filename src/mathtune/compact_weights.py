@@ -55,9 +55,10 @@ class Int8BlockRows:
 
     def __getitem__(self, index) -> torch.Tensor:
         codes = self.codes[index]
-        # codes x scales in float32, as the check computed them (as GGUF's own dequantization)
-        values = codes.to(self.dtype).view(codes.shape[0], -1, BLOCK).mul_(self.scales[index].unsqueeze(-1))
-        return values.view(codes.shape)
+        # codes x scales in float32, as the check computed them (as GGUF's own dequantization), then
+        # rounded to a 16-bit dtype as a 16-bit copy of the float32 values was (compact_rounded_rows)
+        values = codes.to(torch.float32).view(codes.shape[0], -1, BLOCK).mul_(self.scales[index].unsqueeze(-1))
+        return values.view(codes.shape).to(self.dtype)
 
 
 class Bfloat16Rows:
@@ -127,6 +128,30 @@ def compact_rows(weight: torch.Tensor, mappings: list[tuple[int, int]] | None = 
     if form == "int8":
         return Int8BlockRows(torch.cat([c for c, _ in parts]), torch.cat([s for _, s in parts]), weight.dtype)
     return Bfloat16Rows(torch.cat(parts), weight.dtype)
+
+
+def compact_rounded_rows(weight: torch.Tensor, exact: torch.Tensor | None) -> Int8BlockRows | None:
+    """A 16-bit weight rounded from the float32 `exact` (a copy saved in bfloat16), as `exact`'s int8 blocks
+    rounded the same way, when every value comes back; otherwise None.
+
+    Both must be memory-mapped (the check reads each once and hands its pages back).
+    """
+    if (exact is None or weight.dtype not in (torch.bfloat16, torch.float16) or weight.shape != exact.shape
+            or not weight.is_contiguous() or weight.device.type != "cpu"):
+        return None
+    mappings = _clean_file_mappings()
+    rows = compact_rows(exact, mappings) if _in_clean_file_mapping(weight, mappings) else None
+    if not isinstance(rows, Int8BlockRows):  # (bfloat16 rows of a bfloat16 weight would save nothing)
+        return None
+    rows.dtype = weight.dtype
+    weight = weight.detach()
+    for start in range(0, weight.shape[0], CHECK_ROWS):
+        piece = weight[start : start + CHECK_ROWS]
+        same = torch.equal(rows[start : start + CHECK_ROWS], piece)
+        _hand_back_pages(piece)
+        if not same:
+            return None
+    return rows
 
 
 def _in_clean_file_mapping(tensor: torch.Tensor, mappings: list[tuple[int, int]] | None = None) -> bool:

@@ -21,6 +21,7 @@ from mathtune.data import hub_reachable
 
 PACKAGED_GEMMA = "gemma-3-270m"
 TINY_RANDOM = "tiny-random"
+PACKAGED_DIR_NAME = "gemma-3-270m-hf"  # its float32 copy under CACHE_DIR; a 16-bit copy adds "-<dtype>"
 CACHE_DIR = Path(os.environ.get("MATHTUNE_CACHE", Path.home() / ".cache" / "mathtune"))
 ONEDNN_CACHE_CAPACITY = 64  # matrix-product kernels oneDNN keeps (its default is 1,024): see bound_matmul_cache
 TRANSPARENT_HUGE_PAGES = Path("/sys/kernel/mm/transparent_hugepage/enabled")  # always, madvise or never
@@ -64,7 +65,7 @@ def packaged_gemma_dir(dtype: torch.dtype = torch.float32) -> Path:
     """
     if dtype != torch.float32:
         return _packaged_copy_in(dtype)
-    target = CACHE_DIR / "gemma-3-270m-hf"
+    target = CACHE_DIR / PACKAGED_DIR_NAME
     if (target / "config.json").exists():
         return target
     try:
@@ -90,7 +91,7 @@ def packaged_gemma_dir(dtype: torch.dtype = torch.float32) -> Path:
 
 
 def _packaged_copy_in(dtype: torch.dtype) -> Path:
-    target = CACHE_DIR / f"gemma-3-270m-hf-{str(dtype).removeprefix('torch.')}"
+    target = CACHE_DIR / f"{PACKAGED_DIR_NAME}-{str(dtype).removeprefix('torch.')}"
     if (target / "config.json").exists():
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -99,6 +100,21 @@ def _packaged_copy_in(dtype: torch.dtype) -> Path:
     print(f"Saving a {str(dtype).removeprefix('torch.')} copy of the packaged Gemma 3 270M (once)...", flush=True)
     model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
     return save_model_dir(model, AutoTokenizer.from_pretrained(source), target)
+
+
+def float32_original(model, weight: torch.Tensor) -> torch.Tensor | None:
+    """Where `model` is a 16-bit copy of the packaged Gemma (packaged_gemma_dir), the float32 tensor its
+    parameter `weight` was rounded from, memory-mapped from the float32 copy; else None."""
+    source = Path(getattr(model.config, "_name_or_path", None) or ".")
+    original = CACHE_DIR / PACKAGED_DIR_NAME / "model.safetensors"
+    if source.parent != CACHE_DIR or not source.name.startswith(f"{PACKAGED_DIR_NAME}-") or not original.exists():
+        return None
+    from safetensors import safe_open
+
+    names = [name for name, parameter in model.named_parameters(remove_duplicate=False) if parameter is weight]
+    with safe_open(original, framework="pt") as checkpoint:  # get_tensor maps the file, it does not read it
+        stored = [name for name in names if name in checkpoint.keys()]
+        return checkpoint.get_tensor(stored[0]) if stored else None
 
 
 def tiny_random_dir() -> Path:
