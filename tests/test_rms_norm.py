@@ -41,14 +41,37 @@ def test_same_output_and_gradients_as_transformers(dtype, weight_grad):
         assert grads[1][1] is None
 
 
-def test_keeps_only_the_input_and_one_number_per_row():
-    _, ours = norms(torch.bfloat16, False)
-    x = torch.randn(7, 48, dtype=torch.bfloat16, requires_grad=True)
+def kept_for_backward(norm, x):
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        ours(x)
-    activations = [t for t in saved if not isinstance(t, torch.nn.Parameter)]
-    assert sum(t.numel() * t.element_size() for t in activations) == 7 * 48 * 2 + 7 * 4
+        out = norm(x)
+    return out, [t for t in saved if not isinstance(t, torch.nn.Parameter)]
+
+
+def test_keeps_only_its_output_and_one_number_per_row():
+    """The output is what the next layer keeps anyway: the norm adds four bytes a row of its own."""
+    _, ours = norms(torch.bfloat16, False)
+    out, kept = kept_for_backward(ours, torch.randn(7, 48, dtype=torch.bfloat16, requires_grad=True))
+    assert sum(t.numel() * t.element_size() for t in kept) == 7 * 48 * 2 + 7 * 4
+    assert any(t.untyped_storage().data_ptr() == out.untyped_storage().data_ptr() for t in kept)
+
+
+def test_where_one_plus_w_is_zero_the_input_is_kept_there_and_gradients_are_the_same():
+    """The output is 0 in such a column, but the input there still moves the rms: its column is kept."""
+    reference, ours = norms(torch.float32, True)
+    with torch.no_grad():
+        for norm in (reference, ours):
+            norm.weight[[5, 30]] = -1.0
+    x = torch.randn(7, 48, requires_grad=True)
+    out, kept = kept_for_backward(ours, x)
+    assert sum(t.numel() * t.element_size() for t in kept) == 7 * 48 * 4 + 7 * 4 + 2 * 8 + 7 * 2 * 4
+    upstream = torch.randn(7, 48)
+    out.backward(upstream)
+    ours_grads = (x.grad.clone(), ours.weight.grad)
+    x.grad = None
+    reference(x).backward(upstream)
+    torch.testing.assert_close(ours_grads[0], x.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours_grads[1], reference.weight.grad, rtol=1e-5, atol=1e-5)
 
 
 def test_other_norm_classes_are_left_alone():
