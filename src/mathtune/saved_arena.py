@@ -91,7 +91,8 @@ class SavedTensorArena:
         if packed.generation != self.generation:
             raise RuntimeError("a saved tensor was read after its training step ended (its buffer is reused)")
         stored = self.buffer[packed.start : packed.start + packed.nbytes].view(packed.dtype)
-        return stored.as_strided(packed.size, packed.stride, packed.storage_offset)
+        # as_strided counts its offset from the start of the whole buffer
+        return stored.as_strided(packed.size, packed.stride, stored.storage_offset() + packed.storage_offset)
 
     def _reserve(self, nbytes: int) -> int | None:
         """Room for nbytes in the buffer, or None; either way counted in what this step needs."""
