@@ -87,6 +87,13 @@ class ExampleFlashAttention(torch.autograd.Function):
     the same values twice, 4 KiB per token and layer for Gemma 3 270M. Here the examples' outputs
     are written into one [batch, length, heads, head_dim] tensor, which is both what the model reads
     and what backward keeps, so they are kept once; the kernel calls are SDPA's own.
+
+    Each example goes to the kernel padded with zeros to a multiple of LENGTH_STEP tokens. The
+    kernel's 16-bit path builds matrix-product kernels for each sequence length it meets and keeps
+    them for the life of the process (torch 2.13: about 5 MB of memory per new length, measured in
+    bench/RESULTS.md), and a fine-tuning run meets hundreds of lengths. Under a causal mask no real
+    position attends to the padding after it, and the padding's output (discarded) gets no gradient,
+    so the real positions' outputs and gradients are those of the example alone.
     """
 
     @staticmethod
@@ -97,8 +104,8 @@ class ExampleFlashAttention(torch.autograd.Function):
         logsumexps = []
         for query_piece, key_piece, value_piece, output_piece in pieces:
             attended, logsumexp = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-                query_piece, key_piece, value_piece, 0.0, True, scale=scale)
-            output_piece.copy_(attended.transpose(1, 2))
+                *_padded(query_piece, key_piece, value_piece), 0.0, True, scale=scale)
+            output_piece.copy_(attended[:, :, : query_piece.shape[2]].transpose(1, 2))
             logsumexps.append(logsumexp)
         ctx.save_for_backward(query, key, value, output, *logsumexps)
         ctx.sizes, ctx.scale = sizes, scale
@@ -112,12 +119,22 @@ class ExampleFlashAttention(torch.autograd.Function):
         pieces = zip(query.split(sizes, 2), key.split(sizes, 2), value.split(sizes, 2), output.split(sizes, 1),
                      grad_output.split(sizes, 1), logsumexps, *(grad.split(sizes, 2) for grad in grads))
         for query_piece, key_piece, value_piece, output_piece, grad_piece, logsumexp, *grad_pieces in pieces:
+            size = query_piece.shape[2]
             piece_grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-                grad_piece.transpose(1, 2), query_piece, key_piece, value_piece, output_piece.transpose(1, 2),
+                *_padded(grad_piece.transpose(1, 2), query_piece, key_piece, value_piece, output_piece.transpose(1, 2)),
                 logsumexp, 0.0, True, scale=ctx.scale)
             for grad_piece_out, piece_grad in zip(grad_pieces, piece_grads):
-                grad_piece_out.copy_(piece_grad)
+                grad_piece_out.copy_(piece_grad[:, :, :size])
         return *grads, None, None
+
+
+LENGTH_STEP = 64  # tokens: the lengths an example is padded to for the CPU flash-attention kernel
+
+
+def _padded(*tensors: torch.Tensor) -> list[torch.Tensor]:
+    """[batch, heads, length, head_dim] tensors with zeros after them, to a multiple of LENGTH_STEP tokens."""
+    missing = -tensors[0].shape[2] % LENGTH_STEP
+    return [torch.nn.functional.pad(tensor, (0, 0, 0, missing)) if missing else tensor for tensor in tensors]
 
 
 def use_packed_attention(model) -> None:
