@@ -8,7 +8,6 @@ logging, progress bars and distributed launch are the Trainer's.
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import json
 import math
@@ -34,7 +33,6 @@ from mathtune.models import (bound_matmul_cache, hardware_name, load_model, load
                              prefer_shape_agnostic_attention, resolve_dtype)
 from mathtune.packed_attention import use_packed_attention
 from mathtune.rms_norm import use_gemma_rms_norm
-from mathtune.saved_arena import SavedTensorArena
 from mathtune.runfiles import append_jsonl, read_json, read_jsonl, write_json, write_text
 
 COUNTERS = "mathtune_counters.json"  # in each checkpoint: what restore_counters reads
@@ -211,8 +209,6 @@ def make_trainer_class():
                 use_gated_mlp(self.model)  # (measured on CPUs only)
                 use_compact_base_weights(self.model)  # read by the products of the two above
                 use_gemma_rms_norm(self.model)
-            # where the C library's heap holds the activations kept for backward (CPUs), a buffer of their own
-            self.saved_arena = SavedTensorArena(self.model.parameters()) if causal_lm.device.type == "cpu" else None
 
         def training_step(self, model, inputs, num_items_in_batch=None):
             """A batch longer than max_tokens_per_pass goes through forward and backward piece by piece.
@@ -223,23 +219,18 @@ def make_trainer_class():
             """
             pieces = split_packed_row(inputs, self.max_tokens_per_pass) if self.max_tokens_per_pass else [inputs]
             if len(pieces) == 1:
-                return self._forward_backward(model, inputs, num_items_in_batch)
+                return super().training_step(model, inputs, num_items_in_batch)
             if num_items_in_batch is None:
                 num_items_in_batch = int((inputs["labels"][:, 1:] != -100).sum())
             self.piece_accuracy = [0, 0] if self.loss_head else None
             loss = 0
             for piece in pieces:
-                loss = loss + self._forward_backward(model, piece, num_items_in_batch)
+                loss = loss + super().training_step(model, piece, num_items_in_batch)
             if self.piece_accuracy is not None:
                 correct, counted = self.piece_accuracy
                 self._metrics["train"]["mean_token_accuracy"].append(correct / counted if counted else 0.0)
                 self.piece_accuracy = None
             return loss
-
-        def _forward_backward(self, model, inputs, num_items_in_batch):
-            """The Trainer's training step (forward and backward) on one piece, its saved tensors in the arena."""
-            with self.saved_arena.holding() if self.saved_arena else contextlib.nullcontext():
-                return super().training_step(model, inputs, num_items_in_batch)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             if model.training:
