@@ -206,9 +206,18 @@ def drop_construction_copies(tokenizer) -> list[str]:
     dropped = [name for name in CONSTRUCTION_COPIES if name in vars(tokenizer) and name not in read_later]
     for name in dropped:
         delattr(tokenizer, name)
+    release_free_heap()
+    return dropped
+
+
+def release_free_heap() -> None:
+    """Hand the pages the C library's heap holds free back to the system (glibc's malloc_trim; a no-op elsewhere).
+
+    The heap keeps freed memory resident, and on a CPU a training step's temporaries leave much of it
+    free: half of the heap at the end of the benchmark's epoch.
+    """
     if LIBC is not None and hasattr(LIBC, "malloc_trim"):  # glibc's
         LIBC.malloc_trim(0)
-    return dropped
 
 
 def _attributes_read(cls: type) -> set[str]:

@@ -30,7 +30,7 @@ from mathtune.fused_lora import use_fused_lora
 from mathtune.gated_mlp import use_gated_mlp
 from mathtune.lm_loss import install_loss_head, supports_loss_head, trl_head_is_compact
 from mathtune.models import (bound_matmul_cache, hardware_name, load_model, load_tokenizer, prefer_huge_pages,
-                             prefer_shape_agnostic_attention, resolve_dtype)
+                             prefer_shape_agnostic_attention, release_free_heap, resolve_dtype)
 from mathtune.packed_attention import use_packed_attention
 from mathtune.rms_norm import use_gemma_rms_norm
 from mathtune.runfiles import append_jsonl, read_json, read_jsonl, write_json, write_text
@@ -271,7 +271,12 @@ def make_trainer_class():
             super().log(logs, start_time)
 
         def _save_checkpoint(self, model, trial):
-            """Also keep the counters the Trainer does not, before it writes trainer_state.json (its last file)."""
+            """Also keep the counters the Trainer does not, before it writes trainer_state.json (its last file).
+
+            The heap's free pages go back first: saving the tokenizer builds its files in memory (70 MB
+            for Gemma 3's), which would otherwise come on top of all the heap the steps left resident.
+            """
+            release_free_heap()
             counters = {"loss_tokens": self.loss_tokens_total(), "train_tokens": self._total_train_tokens,
                         "generate_s": self.generate_seconds, "eval_s": self.eval_seconds}
             if self.args.should_save:
@@ -614,6 +619,7 @@ def save_adapter(trainer, target: Path) -> None:
     """Save the adapter (the best one when early stopping kept it) under a temporary name, then rename."""
     partial = target.with_name(target.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
+    release_free_heap()  # as before a checkpoint
     trainer.model.save_pretrained(partial)
     trainer.processing_class.save_pretrained(partial)
     shutil.rmtree(target, ignore_errors=True)
