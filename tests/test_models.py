@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mathtune.models import TINY_RANDOM, ModelError, check_model, prefer_shape_agnostic_attention
+from mathtune.models import TINY_RANDOM, ModelError, check_model, cpu_supports_bf16, prefer_shape_agnostic_attention
 
 
 def test_check_model_passes_a_model_and_names_what_to_do_for_a_missing_one(tmp_path):
@@ -100,15 +100,46 @@ def test_once_asked_a_large_tensor_lies_on_huge_pages():
     assert huge_kb >= 2048  # at least one 2 MB page (none without the setting)
 
 
-def test_the_matmul_kernel_cache_is_bounded_unless_the_user_set_it(monkeypatch):
-    from mathtune.models import ONEDNN_CACHE_CAPACITY, bound_matmul_cache
+def test_the_matmul_kernel_caches_are_bounded_unless_the_user_set_them(monkeypatch):
+    from mathtune.models import MATMUL_CACHE_CAPACITY, bound_matmul_cache
 
-    monkeypatch.delenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", raising=False)
+    for variable in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY"):
+        monkeypatch.delenv(variable, raising=False)
+        bound_matmul_cache()
+        assert os.environ[variable] == str(MATMUL_CACHE_CAPACITY)
+        monkeypatch.setenv(variable, "1024")
+        bound_matmul_cache()
+        assert os.environ[variable] == "1024"
+
+
+MATMUL_SHAPES = """
+import ctypes, sys, torch
+if sys.argv[1] == "bounded":
+    from mathtune.models import bound_matmul_cache
     bound_matmul_cache()
-    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == str(ONEDNN_CACHE_CAPACITY)
-    monkeypatch.setenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "1024")
-    bound_matmul_cache()
-    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "1024"
+class MallocInfo(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+libc = ctypes.CDLL(None)
+libc.mallinfo2.restype = MallocInfo
+weight = torch.randn(2048, 640, dtype=torch.bfloat16)
+for rows in range(100, 300):  # a new product shape each time, as each padding-free batch brings
+    if rows == 200:
+        start = libc.mallinfo2().uordblks
+    torch.randn(rows, 640, dtype=torch.bfloat16) @ weight.t()
+print((libc.mallinfo2().uordblks - start) / 2**20)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or not cpu_supports_bf16(),
+                    reason="bfloat16 products go through oneDNN on x86 CPUs with AVX-512 BF16 or AMX (glibc's mallinfo2)")
+def test_bounded_caches_stop_the_heap_growing_with_each_new_product_shape():
+    grown = {}
+    for mode in ("bounded", "default"):
+        env = {k: v for k, v in os.environ.items() if k not in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")}
+        result = subprocess.run([sys.executable, "-c", MATMUL_SHAPES, mode], capture_output=True, text=True,
+                                env=env, check=True)
+        grown[mode] = float(result.stdout.split()[-1])
+    assert grown["bounded"] < 5 and grown["default"] > 20  # MB of heap in use after 100 new shapes
 
 
 def test_the_packaged_model_is_copied_once_into_a_16_bit_dtype(tmp_path, monkeypatch):

@@ -23,7 +23,7 @@ PACKAGED_GEMMA = "gemma-3-270m"
 TINY_RANDOM = "tiny-random"
 PACKAGED_DIR_NAME = "gemma-3-270m-hf"  # its float32 copy under CACHE_DIR; a 16-bit copy adds "-<dtype>"
 CACHE_DIR = Path(os.environ.get("MATHTUNE_CACHE", Path.home() / ".cache" / "mathtune"))
-ONEDNN_CACHE_CAPACITY = 64  # matrix-product kernels oneDNN keeps (its default is 1,024): see bound_matmul_cache
+MATMUL_CACHE_CAPACITY = 64  # matrix-product kernels oneDNN and PyTorch keep (their default is 1,024): see bound_matmul_cache
 TRANSPARENT_HUGE_PAGES = Path("/sys/kernel/mm/transparent_hugepage/enabled")  # always, madvise or never
 CONSTRUCTION_COPIES = ("_vocab", "_merges")  # what transformers' fast tokenizers are built from
 LIBC = ctypes.CDLL(None) if sys.platform.startswith("linux") else None  # the C library: madvise, malloc_trim
@@ -302,18 +302,22 @@ def prefer_huge_pages(setting: Path = TRANSPARENT_HUGE_PAGES) -> bool:
     return offered and os.environ.get("THP_MEM_ALLOC_ENABLE") == "1"
 
 
-def bound_matmul_cache(capacity: int = ONEDNN_CACHE_CAPACITY) -> None:
-    """Keep oneDNN's cache of matrix-product kernels small: each kept kernel holds its own working memory.
+def bound_matmul_cache(capacity: int = MATMUL_CACHE_CAPACITY) -> None:
+    """Keep the caches of matrix-product kernels small: each kept kernel holds its own memory.
 
-    bfloat16 products on CPUs run through oneDNN, which builds a kernel for each new product shape and
-    keeps the last 1,024 (ONEDNN_PRIMITIVE_CACHE_CAPACITY), each with about 1 MB of working memory.
-    Padding-free batches bring new token counts, so new shapes, at every step: the cache grew by about
-    40 MB a step, and one epoch of 64 problems peaked 0.5 GB higher than with 64 kernels kept
-    (bench/RESULTS.md). A step of Gemma 3 uses a few dozen shapes, repeated across its layers, so
-    that many kept loses no speed; reuse across steps is rare anyway. oneDNN reads the variable when it builds its first kernel, so this
-    runs before any model; a value the user set is kept.
+    bfloat16 products on CPUs run through oneDNN, which builds a kernel for each new product shape,
+    and two caches keep them: oneDNN's own (the last 1,024 built, ONEDNN_PRIMITIVE_CACHE_CAPACITY)
+    and PyTorch's of its oneDNN product objects (the last 1,024 used, LRU_CACHE_CAPACITY), each entry
+    with up to a few MB. Padding-free batches bring new token counts, so new shapes, at every step:
+    with the defaults the second cache alone grew by 8 MB a step (the heap in use after each
+    training step of Gemma 3 270M), and the peak of one epoch of 64 problems was 0.5 GB higher with
+    1,024 oneDNN kernels kept than with 64, and 0.17 GB higher with 1,024 of PyTorch's objects kept
+    than with 64 (bench/RESULTS.md). A step uses a few dozen shapes, repeated across the layers, so
+    that many kept loses no speed; reuse across steps is rare anyway. The caches read the variables
+    when they build their first entry, so this runs before any model; a value the user set is kept.
     """
     os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", str(capacity))
+    os.environ.setdefault("LRU_CACHE_CAPACITY", str(capacity))
 
 
 def adapter_base_model(adapter_dir: Path) -> str:
