@@ -81,7 +81,7 @@ def _chunk(hidden, weight, targets, softcap, vocab_slice, wants_grad):
     exact = torch.promote_types(hidden.dtype, torch.float32)  # the softmax in float32 at least
     running_max = torch.full((n,), float("-inf"), dtype=exact, device=device)
     total = torch.zeros(n, dtype=exact, device=device)  # sum of exp(logit - running_max)
-    hit_test = _HitTest(targets, vocab_slice, -(-weight.shape[0] // vocab_slice), exact)
+    hit_test = _HitTest(targets, vocab_slice, exact)
     weighted = torch.zeros(n, hidden.shape[1], dtype=exact, device=device) if wants_grad else None
     for start in range(0, weight.shape[0], vocab_slice):
         words = weight[start : start + vocab_slice]
@@ -123,15 +123,12 @@ class _HitTest:
     target are covered by a running maximum over the slices' maxima at the end.
     """
 
-    def __init__(self, targets, vocab_slice, n_slices, dtype):
+    def __init__(self, targets, vocab_slice, dtype):
         self.targets, self.vocab_slice = targets, vocab_slice
         self.target_slice = targets // vocab_slice
         self.target_logit = torch.full(targets.shape, float("nan"), dtype=dtype, device=targets.device)
         self.in_slice_max = torch.full(targets.shape, float("-inf"), dtype=dtype, device=targets.device)
-        # one buffer, not a small tensor a slice: each would stay allocated between the slices' large
-        # temporaries, and the C library's heap grows past the holes they split (180 MB over one pass)
-        self.slice_maxima = torch.empty(n_slices, len(targets), dtype=dtype, device=targets.device)
-        self.slices_read = 0
+        self.slice_maxima = []
         # positions sorted by target word, so that each slice's positions are one stretch of the order
         self.order = torch.argsort(targets)
         self.bounds = torch.searchsorted(self.target_slice[self.order], torch.arange(
@@ -139,9 +136,8 @@ class _HitTest:
         self.columns = torch.arange(vocab_slice, device=targets.device)
 
     def read(self, logits, slice_max):
-        k = self.slices_read
-        self.slice_maxima[k] = slice_max
-        self.slices_read += 1
+        k = len(self.slice_maxima)
+        self.slice_maxima.append(slice_max)
         if k + 1 >= len(self.bounds) or self.bounds[k] == self.bounds[k + 1]:
             return
         rows = self.order[self.bounds[k] : self.bounds[k + 1]]
@@ -152,9 +148,9 @@ class _HitTest:
         self.in_slice_max[rows] = own.masked_fill(~before, float("-inf")).amax(dim=1)
 
     def hits(self, maximum):
-        if not self.slices_read:
+        if not self.slice_maxima:
             return torch.zeros_like(self.targets, dtype=torch.bool)
-        running = self.slice_maxima[: self.slices_read].cummax(dim=0).values  # [slices, positions]
+        running = torch.stack(self.slice_maxima).cummax(dim=0).values  # [slices, positions]
         whole_slices = running.gather(0, (self.target_slice - 1).clamp(min=0).unsqueeze(0)).squeeze(0)
         earlier = torch.where(self.target_slice > 0, torch.maximum(whole_slices, self.in_slice_max), self.in_slice_max)
         return (self.target_logit == maximum) & (earlier < maximum)
