@@ -7,10 +7,11 @@ bench/RESULTS.md); with PEFT, down_proj's LoRA branch keeps its input, the produ
 
 Where the three projections are frozen linear maps, each with a plain LoRA branch
 (mathtune.fused_lora) or none, GatedLoraMLP keeps only x (which the gate and up branches keep
-anyway), the branches' keep-masks (as bits) and their [tokens, r] products; backward recomputes gate and up
-with the same operations as forward (so the same values), then the product. That is two more
-frozen products per layer in backward (a fifth more product work in a step) for two
-[tokens, intermediate] tensors fewer: 144 of 534 KiB per token on a bfloat16 step of Gemma 3 270M.
+anyway), the branches' keep-masks (as bits) and their [tokens, r] products; backward recomputes
+gate and up with the same operations as forward (so the same values), then the product. That is
+two more frozen products per layer in backward (a quarter more of the decoder's frozen-product
+work) for two [tokens, intermediate] tensors fewer: 144 of 534 KiB per token on a bfloat16 step
+of Gemma 3 270M.
 
 Otherwise GatedProduct computes act(gate) * up keeping gate and up only (backward recomputes
 act(gate), one elementwise pass; the same operations as autograd's, so bit for bit the same
