@@ -26,14 +26,15 @@ from pathlib import Path
 
 import torch
 
-from mathtune.compact_weights import compact_rows, use_compact_base_weights
+from mathtune.compact_weights import compact_rounded_rows, compact_rows, use_compact_base_weights
 from mathtune.config import LoraConfig
 from mathtune.data import read_problems, seeded_subset, tokenize_example
 from mathtune.dropout import use_uniform_dropout
 from mathtune.fused_lora import use_fused_lora
 from mathtune.gated_mlp import use_gated_mlp
 from mathtune.lm_loss import loss_positions_head
-from mathtune.models import PACKAGED_GEMMA, load_model, load_tokenizer, resolve_dtype, resolve_model_path
+from mathtune.models import (PACKAGED_GEMMA, bound_matmul_cache, float32_original, load_model, load_tokenizer,
+                             resolve_dtype, resolve_model_path)
 from mathtune.packed_attention import NAME as PACKED_ATTENTION, use_packed_attention
 from mathtune.rms_norm import use_gemma_rms_norm
 
@@ -88,6 +89,7 @@ def main() -> None:
     parser.add_argument("--work", default="runs/bench-train", help="where --random-shape saves its model")
     parser.add_argument("--trace", help="write torch.profiler's operator table of mathtune's step here")
     args = parser.parse_args()
+    bound_matmul_cache()  # as mathtune train, before the first product
     if args.random_shape:
         from bench_train import random_model_dir  # bench/ is this script's import path
 
@@ -160,17 +162,18 @@ def main() -> None:
     show("  LoRA dropout masks from 16-bit words", step(our_head, packed, attention=PACKED_ATTENTION))
     use_fused_lora(model)
     show("  LoRA branch as one function", step(our_head, packed, attention=PACKED_ATTENTION))
-    rows = compact_rows(head.weight)  # None where the weight is not memory-mapped or not compact (then: as above)
+    # as mathtune.lm_loss.install_loss_head: None where the weight is not memory-mapped or not compact (then: as above)
+    rows = compact_rows(head.weight) or compact_rounded_rows(head.weight, float32_original(causal_lm, head.weight))
     head_weight = head.weight if rows is None else rows
     compact_head = functools.partial(our_head, weight=head_weight)
     show(f"  head weight as {type(rows).__name__ if rows is not None else 'is (not compact here)'}",
          step(compact_head, packed, attention=PACKED_ATTENTION))
     use_gated_mlp(model)
-    show("  act(gate) * up as one function", step(compact_head, packed, attention=PACKED_ATTENTION))
+    show("  gated MLP as one function (gate and up recomputed)", step(compact_head, packed, attention=PACKED_ATTENTION))
     compacted = use_compact_base_weights(model)  # 0 where the weights are not memory-mapped or not compact
     show(f"  {compacted} frozen base weights compact", step(compact_head, packed, attention=PACKED_ATTENTION))
     use_gemma_rms_norm(model)
-    last = show("  RMS norms keeping only their input (= mathtune train on a CPU)",
+    last = show("  RMS norms keeping only their output (= mathtune train on a CPU)",
                 step(compact_head, packed, attention=PACKED_ATTENTION))
     print(f"ratio: {first / last:.2f}x")
     show("  (the same with gradient checkpointing)",
