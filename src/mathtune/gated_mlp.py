@@ -76,8 +76,8 @@ def activation_name(act_fn: torch.nn.Module) -> str | None:
 def use_gated_mlp(model: torch.nn.Module) -> int:
     """Route each known gated MLP with a handled activation through GatedLoraMLP or GatedProduct; returns how many.
 
-    Call after mathtune.fused_lora.use_fused_lora's prerequisite, mathtune.dropout.use_uniform_dropout:
-    LoRA branches with PEFT's own dropout go through PEFT's forward, and the MLP through GatedProduct.
+    Call after mathtune.dropout.use_uniform_dropout: an MLP with a LoRA branch on PEFT's own dropout
+    goes through GatedProduct, its branches through PEFT's forward.
     """
     replaced = 0
     for module in model.modules():
@@ -119,7 +119,8 @@ class GatedLoraMLP(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_result):
         x, gate_a, gate_b, up_a, up_b, down_a, down_b, *kept = ctx.saved_tensors
-        gate_branch, up_branch, down_branch = ((kept[2 * i], scale, kept[2 * i + 1]) for i, scale in enumerate(ctx.keep_scales))
+        gate_branch, up_branch, down_branch = ((kept[2 * i], scale, kept[2 * i + 1])
+                                               for i, scale in enumerate(ctx.keep_scales))
         gate_map, up_map, down_map = ctx.projections
         flat_x = x.reshape(-1, x.shape[-1])
         gate = _reproject(flat_x, gate_map, gate_branch, gate_b)

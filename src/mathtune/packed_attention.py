@@ -88,10 +88,10 @@ class ExampleFlashAttention(torch.autograd.Function):
     are written into one [batch, length, heads, head_dim] tensor, which is both what the model reads
     and what backward keeps, so they are kept once; the kernel calls are SDPA's own.
 
-    Each example goes to the kernel padded with zeros to a multiple of LENGTH_STEP tokens. The
-    kernel's 16-bit path builds matrix-product kernels for each sequence length it meets and keeps
-    them for the life of the process (torch 2.13: about 5 MB of memory per new length, measured in
-    bench/RESULTS.md), and a fine-tuning run meets hundreds of lengths. Under a causal mask no real
+    In 16-bit dtypes each example goes to the kernel padded with zeros to a multiple of LENGTH_STEP
+    tokens. The kernel's 16-bit path builds matrix-product kernels for each sequence length it meets
+    and keeps them for the life of the process (torch 2.13: about 5 MB of memory per new length;
+    its float32 path keeps nothing; bench/RESULTS.md), and a fine-tuning run meets hundreds of lengths. Under a causal mask no real
     position attends to the padding after it, and the padding's output (discarded) gets no gradient,
     so the real positions' outputs and gradients are those of the example alone.
     """
@@ -132,8 +132,8 @@ LENGTH_STEP = 64  # tokens: the lengths an example is padded to for the CPU flas
 
 
 def _padded(*tensors: torch.Tensor) -> list[torch.Tensor]:
-    """[batch, heads, length, head_dim] tensors with zeros after them, to a multiple of LENGTH_STEP tokens."""
-    missing = -tensors[0].shape[2] % LENGTH_STEP
+    """16-bit [batch, heads, length, head_dim] tensors with zeros after them, to a multiple of LENGTH_STEP tokens."""
+    missing = -tensors[0].shape[2] % LENGTH_STEP if tensors[0].dtype in (torch.bfloat16, torch.float16) else 0
     return [torch.nn.functional.pad(tensor, (0, 0, 0, missing)) if missing else tensor for tensor in tensors]
 
 
