@@ -9,8 +9,8 @@ is kept where its word is at least a threshold: each input is kept independently
 1 - p', p' being p rounded to a multiple of 1/65,536 (0.1 becomes 0.100006), and kept inputs are
 scaled by 1 / (1 - p'), so the expectation is exact. The backward pass keeps the mask as bits, eight
 to a byte: as booleans the masks of a bfloat16 step of Gemma 3 270M took 110 of its 390 KiB per
-token (packing takes three integer passes over the booleans' bytes, unpacking five: about 33 and
-32 ms for 57.6 million entries here).
+token (packing takes four integer passes over the booleans' bytes, unpacking six: 28 ms each for
+57.6 million entries here).
 The random stream differs from torch's, so runs are reproducible given the seed but not
 bit-identical to PEFT's own dropout. On GPUs torch's dropout is one fused kernel; mathtune uses
 this on CPUs only.
