@@ -26,15 +26,15 @@ from pathlib import Path
 
 import torch
 
-from mathtune.compact_weights import compact_rounded_rows, compact_rows, use_compact_base_weights
+from mathtune.compact_weights import use_compact_base_weights
 from mathtune.config import LoraConfig
 from mathtune.data import read_problems, seeded_subset, tokenize_example
 from mathtune.dropout import use_uniform_dropout
 from mathtune.fused_lora import use_fused_lora
 from mathtune.gated_mlp import use_gated_mlp
-from mathtune.lm_loss import loss_positions_head
-from mathtune.models import (PACKAGED_GEMMA, bound_matmul_cache, float32_original, load_model, load_tokenizer,
-                             resolve_dtype, resolve_model_path)
+from mathtune.lm_loss import head_weight, loss_positions_head
+from mathtune.models import (PACKAGED_GEMMA, bound_matmul_cache, load_model, load_tokenizer, resolve_dtype,
+                             resolve_model_path)
 from mathtune.packed_attention import NAME as PACKED_ATTENTION, use_packed_attention
 from mathtune.rms_norm import use_gemma_rms_norm
 
@@ -162,11 +162,9 @@ def main() -> None:
     show("  LoRA dropout masks from 16-bit words", step(our_head, packed, attention=PACKED_ATTENTION))
     use_fused_lora(model)
     show("  LoRA branch as one function", step(our_head, packed, attention=PACKED_ATTENTION))
-    # as mathtune.lm_loss.install_loss_head: None where the weight is not memory-mapped or not compact (then: as above)
-    rows = compact_rows(head.weight) or compact_rounded_rows(head.weight, float32_original(causal_lm, head.weight))
-    head_weight = head.weight if rows is None else rows
-    compact_head = functools.partial(our_head, weight=head_weight)
-    show(f"  head weight as {type(rows).__name__ if rows is not None else 'is (not compact here)'}",
+    weight = head_weight(causal_lm)  # as mathtune train reads it; the weight itself where nothing is compact
+    compact_head = functools.partial(our_head, weight=weight)
+    show(f"  head weight as {'is (not compact here)' if weight is head.weight else type(weight).__name__}",
          step(compact_head, packed, attention=PACKED_ATTENTION))
     use_gated_mlp(model)
     show("  gated MLP as one function (gate and up recomputed)", step(compact_head, packed, attention=PACKED_ATTENTION))

@@ -140,8 +140,13 @@ def test_the_mlp_trains_the_same_keeping_neither_gate_nor_up(dropout, targets):
     assert kept_a - kept_b == config.num_hidden_layers * (3 * intermediate + product - x)
 
 
-def test_the_recomputed_mlp_runs_in_bfloat16_under_autocast():
+def test_the_recomputed_mlp_runs_in_bfloat16_under_autocast(monkeypatch):
     """As the Trainer runs a bf16 model: float32 LoRA weights cast to bf16, gradients close to PEFT's own path."""
+    from mathtune import gated_mlp
+
+    calls = []
+    apply = gated_mlp.GatedLoraMLP.apply
+    monkeypatch.setattr(gated_mlp.GatedLoraMLP, "apply", lambda *args: calls.append(1) or apply(*args))
     grads = []
     for fused in (False, True):
         model = tiny_lora_model(0.0, ["gate_proj", "up_proj", "down_proj"])
@@ -159,6 +164,7 @@ def test_the_recomputed_mlp_runs_in_bfloat16_under_autocast():
     for name in grads[0]:
         assert grads[1][name].dtype == torch.float32
         torch.testing.assert_close(grads[0][name], grads[1][name], rtol=0.02, atol=1e-3, msg=name)
+    assert len(calls) == 2  # both layers of the fused run went through GatedLoraMLP
 
 
 def test_a_down_projection_with_a_trained_bias_keeps_autograd():

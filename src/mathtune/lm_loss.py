@@ -197,6 +197,14 @@ def trl_head_is_compact(device: torch.device) -> bool:
     return device.type in ("cuda", "xpu") and is_triton_available()
 
 
+def head_weight(model):
+    """The LM head's weight as the loss head reads it: the same values in fewer bytes where that saves
+    memory (a float32 head's own int8 blocks, or for the packaged model's bfloat16 copy those of the
+    float32 values it was rounded from: 168 MB for 335), else the weight itself."""
+    weight = model.get_output_embeddings().weight
+    return compact_rows(weight) or compact_rounded_rows(weight, float32_original(model, weight)) or weight
+
+
 def install_loss_head(model) -> None:
     """Give a causal LM a `loss_head=True` forward mode that returns a HeadOutput instead of logits.
 
@@ -207,10 +215,7 @@ def install_loss_head(model) -> None:
     """
     original_forward = model.forward
     softcap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
-    weight = model.get_output_embeddings().weight
-    # the same values in fewer bytes, where that saves memory: a float32 head's own int8 blocks, or for the
-    # packaged model's bfloat16 copy those of the float32 values it was rounded from (168 MB for 335)
-    head_weight = compact_rows(weight) or compact_rounded_rows(weight, float32_original(model, weight)) or weight
+    weight = head_weight(model)
 
     @functools.wraps(original_forward)
     def forward(*args, loss_head=False, labels=None, **kwargs):
@@ -219,6 +224,6 @@ def install_loss_head(model) -> None:
         kwargs.pop("num_items_in_batch", None)
         kwargs["use_cache"] = False
         hidden = model.get_decoder()(*args, **kwargs).last_hidden_state
-        return loss_positions_head(hidden, labels, head_weight, softcap)
+        return loss_positions_head(hidden, labels, weight, softcap)
 
     model.forward = forward

@@ -33,9 +33,10 @@ class GemmaRMSNormFunction(torch.autograd.Function):
         inverse_rms = torch.rsqrt(exact.pow(2).mean(-1, keepdim=True) + eps)
         scale = 1.0 + weight.float()
         output = (exact * inverse_rms * scale).type_as(x)
-        # where 1 + w = 0 the output says nothing of the input, whose columns there are kept apart
-        dark = scale.eq(0).nonzero().squeeze(1)
-        ctx.save_for_backward(output, inverse_rms, weight, dark, x[..., dark])
+        if any(ctx.needs_input_grad[:2]):  # (not in generation: nothing to keep)
+            # where 1 + w = 0 the output says nothing of the input, whose columns there are kept apart
+            dark = scale.eq(0).nonzero().squeeze(1)
+            ctx.save_for_backward(output, inverse_rms, weight, dark, x[..., dark])
         return output
 
     @staticmethod
