@@ -11,7 +11,7 @@ final step on their own. Each time is the median of --repeats runs after one war
 On a GPU the batch goes to the GPU, each time waits for the GPU to finish, and --trace FILE writes
 the operator table of the last step from torch.profiler (time on the CPU and on the GPU per operator).
 The lines add the changes `mathtune train` makes on a CPU; on CUDA it instead keeps TRL's head,
-torch's dropout and PEFT's LoRA forward, and turns cuDNN's attention off (mathtune.models.prefer_shape_agnostic_attention),
+torch's dropout and PEFT's LoRA forward, and turns cuDNN's attention off (mathtune.speedups.memory.prefer_shape_agnostic_attention),
 which this script leaves on: compare GPU setups with bench_train.py.
 """
 
@@ -26,17 +26,12 @@ from pathlib import Path
 
 import torch
 
-from mathtune.compact_weights import use_compact_base_weights
+from mathtune import speedups
 from mathtune.config import LoraConfig
 from mathtune.data import read_problems, seeded_subset, tokenize_example
-from mathtune.dropout import use_uniform_dropout
-from mathtune.fused_lora import use_fused_lora
-from mathtune.gated_mlp import use_gated_mlp
-from mathtune.lm_loss import head_weight, loss_positions_head
-from mathtune.models import (PACKAGED_GEMMA, bound_matmul_cache, load_model, load_tokenizer, resolve_dtype,
-                             resolve_model_path)
-from mathtune.packed_attention import NAME as PACKED_ATTENTION, use_packed_attention
-from mathtune.rms_norm import use_gemma_rms_norm
+from mathtune.models import PACKAGED_GEMMA, float32_original, load_model, load_tokenizer, resolve_dtype, resolve_model_path
+from mathtune.speedups.lm_loss import head_weight, loss_positions_head
+from mathtune.speedups.packed_attention import NAME as PACKED_ATTENTION, use_packed_attention
 
 DATA = Path(os.environ.get("MATHTUNE_DATA") or Path(__file__).resolve().parents[1].parent / "shared/data/gsm8k")
 
@@ -89,7 +84,7 @@ def main() -> None:
     parser.add_argument("--work", default="runs/bench-train", help="where --random-shape saves its model")
     parser.add_argument("--trace", help="write torch.profiler's operator table of mathtune's step here")
     args = parser.parse_args()
-    bound_matmul_cache()  # as mathtune train, before the first product
+    speedups.memory.bound_matmul_cache()  # as mathtune train, before the first product
     if args.random_shape:
         from bench_train import random_model_dir  # bench/ is this script's import path
 
@@ -158,29 +153,28 @@ def main() -> None:
     show("  padding-free row (SDPA with a block-diagonal mask)", step(trl_head, packed))
     show("  attention one example at a time", step(trl_head, packed, attention=PACKED_ATTENTION))
     show("  our head on loss-bearing positions", step(our_head, packed, attention=PACKED_ATTENTION))
-    use_uniform_dropout(model)
-    show("  LoRA dropout masks from 16-bit words", step(our_head, packed, attention=PACKED_ATTENTION))
-    use_fused_lora(model)
-    show("  LoRA branch as one function", step(our_head, packed, attention=PACKED_ATTENTION))
-    weight = head_weight(causal_lm)  # as mathtune train reads it; the weight itself where nothing is compact
-    compact_head = functools.partial(our_head, weight=weight)
-    show(f"  head weight as {'is (not compact here)' if weight is head.weight else type(weight).__name__}",
-         step(compact_head, packed, attention=PACKED_ATTENTION))
-    use_gated_mlp(model)
-    show("  gated MLP as one function (gate and up recomputed)", step(compact_head, packed, attention=PACKED_ATTENTION))
-    compacted = use_compact_base_weights(model)  # 0 where the weights are not memory-mapped or not compact
-    show(f"  {compacted} frozen base weights compact", step(compact_head, packed, attention=PACKED_ATTENTION))
-    use_gemma_rms_norm(model)
-    last = show("  RMS norms keeping only their output (= mathtune train on a CPU)",
-                step(compact_head, packed, attention=PACKED_ATTENTION))
+    # the CPU patches one at a time, in speedups.apply's order (the loss head's compact weight before the MLP)
+    cpu_patches = {"uniform_dropout": "LoRA dropout masks from 16-bit words", "fused_lora": "LoRA branch as one function",
+                   "gated_mlp": "gated MLP as one function (gate and up recomputed)",
+                   "compact_weights": "frozen base weights compact", "rms_norm": "RMS norms keeping only their output"}
+    only = {name: False for name in speedups.Flags.__dataclass_fields__}
+    loss_of = our_head
+    for name, label in cpu_patches.items():
+        if name == "gated_mlp":  # the head as mathtune train reads it; the weight itself where nothing is compact
+            weight = head_weight(causal_lm, float32_original(causal_lm, head.weight))
+            loss_of = functools.partial(our_head, weight=weight)
+            show(f"  head weight as {'is (not compact here)' if weight is head.weight else type(weight).__name__}",
+                 step(loss_of, packed, attention=PACKED_ATTENTION))
+        changed = speedups.apply(model, speedups.Flags(**{**only, name: True}))[name]
+        last = show(f"  {label} ({changed} modules)", step(loss_of, packed, attention=PACKED_ATTENTION))
+    print("  (the line above is mathtune train on a CPU)")
     print(f"ratio: {first / last:.2f}x")
-    show("  (the same with gradient checkpointing)",
-         step(compact_head, packed, checkpointing=True, attention=PACKED_ATTENTION))
+    show("  (the same with gradient checkpointing)", step(loss_of, packed, checkpointing=True, attention=PACKED_ATTENTION))
     if args.trace:
         from torch.profiler import ProfilerActivity, profile
 
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
-        mathtune_step = step(compact_head, packed, attention=PACKED_ATTENTION)
+        mathtune_step = step(loss_of, packed, attention=PACKED_ATTENTION)
         with profile(activities=activities) as trace:
             mathtune_step()
             finished()
@@ -210,7 +204,7 @@ def main() -> None:
         log_probs.sum().backward()
 
     def our_head_alone():
-        loss_positions_head(hidden.clone().requires_grad_(), packed["labels"], head_weight).losses.sum().backward()
+        loss_positions_head(hidden.clone().requires_grad_(), packed["labels"], weight).losses.sum().backward()
 
     show("LM head forward + backward: TRL's, every position (as on a CPU)", trl_head_alone)
     show("LM head forward + backward: ours, loss-bearing positions", our_head_alone)

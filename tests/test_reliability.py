@@ -31,11 +31,11 @@ from safetensors.torch import load_file
 
 from conftest import write_jsonl
 from mathtune import data, evaluate, runfiles
-from mathtune import train as train_module
+from mathtune.training import recipe as train_module
 from mathtune.cli import main
 from mathtune.config import load_config
 from mathtune.runfiles import read_jsonl
-from mathtune.train import last_checkpoint, save_adapter, train
+from mathtune.training.recipe import last_checkpoint, save_adapter, train
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}

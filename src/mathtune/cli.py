@@ -12,7 +12,7 @@ from mathtune.config import DEFAULT_PRESET, ConfigError, load_config
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", nargs="?", help="a YAML config file (or use --preset)")
-    parser.add_argument("--preset", help=f"a preset in configs/ (default {DEFAULT_PRESET})")
+    parser.add_argument("--preset", help=f"a preset shipped with mathtune (mathtune/presets/) (default {DEFAULT_PRESET})")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override one config value, e.g. --set train.epochs=1 (repeatable)")
     parser.add_argument("--data", help="GSM8K directory with train.jsonl and test.jsonl, or 'synthetic' "
@@ -40,7 +40,7 @@ def config_from_args(args: argparse.Namespace):
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from mathtune.train import train
+    from mathtune.training.recipe import train
 
     if args.resume:
         config = load_config(Path(args.resume) / "config.yaml", args.overrides)
@@ -84,7 +84,7 @@ def cmd_run(args: argparse.Namespace) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> None:
-    from mathtune.report import write_report
+    from mathtune.report.render import write_report
 
     run_dir = Path(args.run_dir)
     if not run_dir.is_dir():
@@ -94,7 +94,7 @@ def cmd_report(args: argparse.Namespace) -> None:
 
 
 def cmd_compare(args: argparse.Namespace) -> None:
-    from mathtune.report import compare_runs
+    from mathtune.report.render import compare_runs
 
     print(compare_runs([Path(d) for d in args.run_dirs]))
 
@@ -141,10 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from mathtune.models import bound_matmul_cache, prefer_huge_pages
+    from mathtune.speedups import apply_process_settings
 
-    prefer_huge_pages()  # before any model loads: `mathtune run` evaluates the base model before training
-    bound_matmul_cache()
+    apply_process_settings()  # before any model loads: `mathtune run` evaluates the base model before training
     try:
         args.func(args)
     except (ConfigError, ValueError, RuntimeError, FileNotFoundError) as exc:

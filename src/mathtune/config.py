@@ -16,7 +16,9 @@ from pathlib import Path
 
 import yaml
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"  # presets live at the repository root
+from mathtune.speedups import Flags as SpeedupsConfig
+
+PRESET_DIR = Path(__file__).resolve().parent / "presets"  # package data: installed with mathtune
 DEFAULT_PRESET = "cpu-demo"
 
 
@@ -164,6 +166,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     cost: CostConfig = field(default_factory=CostConfig)
+    speedups: SpeedupsConfig = field(default_factory=SpeedupsConfig)  # each can be switched off to debug or measure
 
     def check(self) -> None:
         for section in (self.model, self.data, self.lora, self.train, self.eval):
@@ -264,9 +267,9 @@ def resolve_preset(name_or_path: str) -> Path:
         if not path.exists():
             raise ConfigError(f"config file {path} does not exist")
         return path
-    preset = CONFIG_DIR / f"{name_or_path}.yaml"
+    preset = PRESET_DIR / f"{name_or_path}.yaml"
     if not preset.exists():
-        names = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+        names = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
         raise ConfigError(f"no preset named {name_or_path!r}{_suggest(name_or_path, names)}; presets: {names}")
     return preset
 

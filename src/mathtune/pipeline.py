@@ -15,7 +15,7 @@ from mathtune import synthetic
 from mathtune.config import Config, load_config
 from mathtune.evaluate import choose_fewshot_examples, evaluate_problems
 from mathtune.models import (
-    ModelError, adapter_base_model, check_model, load_model, load_tokenizer, prefer_shape_agnostic_attention,
+    ModelError, adapter_base_model, check_model, load_model, load_tokenizer,
 )
 from mathtune.runfiles import read_json
 
@@ -60,7 +60,6 @@ def run_evaluation(
     kind = f"{model_name} + adapter {adapter}" if adapter else model_name
     print(f"Evaluating {kind} on {len(problems)} {split} problems "
           f"({shots}-shot, greedy, up to {config.eval.max_new_tokens} new tokens)...", flush=True)
-    prefer_shape_agnostic_attention()
     model = load_model(model_name, config.model.dtype, config.model.revision, adapter=adapter)
     tokenizer = load_tokenizer(model_name, config.model.revision)
     scores = evaluate_problems(
@@ -90,8 +89,8 @@ def resolve_eval_target(model: str, config: Config) -> tuple[str, Path | None, P
 
 def run(config: Config, overwrite: bool = False) -> dict:
     """Base evaluation, training, tuned evaluation and the report, in one run directory."""
-    from mathtune.report import write_report
-    from mathtune.train import RunDirError, prepare_run_dir, train
+    from mathtune.report.render import write_report
+    from mathtune.training.recipe import RunDirError, prepare_run_dir, train
 
     run_dir = config.run_dir
     existing = (run_dir / "config.yaml").exists()

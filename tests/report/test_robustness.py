@@ -5,7 +5,9 @@ import shutil
 
 import pytest
 
-from mathtune import analysis, report, synthetic
+from mathtune import synthetic
+from mathtune.report import analysis
+from mathtune.report import render as report
 from mathtune.cli import main
 from mathtune.runfiles import read_jsonl
 

@@ -137,8 +137,9 @@ def _padded(*tensors: torch.Tensor) -> list[torch.Tensor]:
     return [torch.nn.functional.pad(tensor, (0, 0, 0, missing)) if missing else tensor for tensor in tensors]
 
 
-def use_packed_attention(model) -> None:
-    """Switch a model from SDPA to per-example SDPA (masks are built as for SDPA)."""
+def use_packed_attention(model) -> int:
+    """Switch a model from SDPA to per-example SDPA (masks are built as for SDPA); returns 1."""
     AttentionInterface.register(NAME, packed_sdpa_attention)
     AttentionMaskInterface.register(NAME, sdpa_mask)
     model.set_attn_implementation(NAME)
+    return 1

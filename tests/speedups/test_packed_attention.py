@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
-from mathtune.packed_attention import example_starts, use_packed_attention
+from mathtune.speedups.packed_attention import example_starts, use_packed_attention
 
 
 @pytest.mark.parametrize("positions, expected", [
@@ -56,7 +56,7 @@ def test_generation_is_unchanged():
 
 @pytest.mark.parametrize("heads, kv_heads", [(4, 1), (2, 2)])
 def test_example_flash_attention_matches_sdpa_per_example_and_keeps_its_output_once(heads, kv_heads):
-    from mathtune.packed_attention import ExampleFlashAttention
+    from mathtune.speedups.packed_attention import ExampleFlashAttention
 
     torch.manual_seed(0)
     sizes, head_dim = [5, 9, 3], 16
@@ -90,7 +90,7 @@ def test_example_flash_attention_matches_sdpa_per_example_and_keeps_its_output_o
 def test_in_bfloat16_examples_go_to_the_kernel_padded_and_give_the_same_results(monkeypatch):
     """In 16-bit dtypes every length goes to the kernel as a multiple of LENGTH_STEP (the kernel keeps what
     it builds per length); the real positions' outputs and gradients are the example's alone."""
-    from mathtune import packed_attention
+    from mathtune.speedups import packed_attention
 
     seen = []
     kernel = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu

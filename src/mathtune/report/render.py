@@ -19,7 +19,8 @@ import jinja2
 import yaml
 from matplotlib.figure import Figure
 
-from mathtune import analysis, data, synthetic
+from mathtune import data, synthetic
+from mathtune.report import analysis
 from mathtune.answers import count_reasoning_steps
 from mathtune.runfiles import read_json, read_jsonl, write_text
 

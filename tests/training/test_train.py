@@ -11,7 +11,7 @@ import torch
 
 from mathtune.config import load_config
 from mathtune.runfiles import read_jsonl
-from mathtune.train import RunDirError, train
+from mathtune.training.recipe import RunDirError, train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -140,16 +140,13 @@ def test_validation_examples_dropped_as_too_long_do_not_shift_the_ids(tmp_path, 
     assert [r["id"] for r in rows] == [i for i in validation_ids if i not in dropped]
 
 
-def test_our_lm_head_trains_as_trls_does(tmp_path, gsm8k_dir, monkeypatch):
+def test_our_lm_head_trains_as_trls_does(tmp_path, gsm8k_dir):
     """The loss-positions head and per-example attention change the speed, not the run: with dropout
     off, the losses logged step by step and the validation losses match TRL's own head and SDPA's mask."""
-    from mathtune import train as train_module
-
     settings = ["lora.dropout=0.0", "train.max_steps=4", "train.eval_steps=2", "train.logging_steps=1"]
     fast = train(tiny_config(tmp_path / "fast", gsm8k_dir, *settings))
-    monkeypatch.setattr(train_module, "supports_loss_head", lambda model: False)
-    monkeypatch.setattr(train_module, "use_packed_attention", lambda model: None)
-    plain = train(tiny_config(tmp_path / "plain", gsm8k_dir, *settings))
+    plain = train(tiny_config(tmp_path / "plain", gsm8k_dir, *settings, "speedups.loss_head=false",
+                              "speedups.packed_attention=false"))
     assert fast["train_tokens"] == plain["train_tokens"] and fast["train_loss_tokens"] == plain["train_loss_tokens"]
     for key in ("loss", "eval_loss", "mean_token_accuracy", "eval_mean_token_accuracy"):
         ours = [m[key] for m in read_jsonl(tmp_path / "fast/tiny/metrics.jsonl") if key in m]
@@ -189,7 +186,7 @@ def collated_row(lengths):
 
 
 def test_a_packed_row_splits_into_pieces_of_whole_examples_within_the_budget():
-    from mathtune.train import split_packed_row
+    from mathtune.training.recipe import split_packed_row
 
     row = collated_row([3, 5, 2, 4, 9])
     pieces = split_packed_row(row, max_tokens=7)
@@ -207,7 +204,7 @@ def test_a_packed_row_splits_into_pieces_of_whole_examples_within_the_budget():
 
 
 def test_a_batch_that_is_not_one_packed_row_stays_whole():
-    from mathtune.train import split_packed_row
+    from mathtune.training.recipe import split_packed_row
 
     row = collated_row([3, 5])
     assert split_packed_row({**row, "attention_mask": torch.ones(1, 8)}, max_tokens=4)[0]["input_ids"].shape[1] == 8

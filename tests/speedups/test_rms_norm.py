@@ -2,7 +2,7 @@ import pytest
 import torch
 from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm
 
-from mathtune.rms_norm import use_gemma_rms_norm
+from mathtune.speedups.rms_norm import use_gemma_rms_norm
 
 
 def norms(dtype, weight_grad):

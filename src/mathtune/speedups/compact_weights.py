@@ -7,14 +7,14 @@ exactly codes x scales, so they are kept that way, in 28% of the bytes; each val
 matrix that does not give every value back stays as it is. A float32 matrix whose values are all
 bfloat16 numbers is likewise kept in bfloat16.
 
-- The loss head (mathtune.lm_loss) reads the whole head weight at every step: in float32 it is
+- The loss head (mathtune.speedups.lm_loss) reads the whole head weight at every step: in float32 it is
   671 MB resident for the whole run, compact 176 MB; each vocabulary slice is rebuilt as the head
   reaches it (about as fast as reading the float32 slice from memory, bench/RESULTS.md). A
   bfloat16 copy of such a head (the packaged model's, mathtune.models.float32_original) is 335 MB;
   its values are the float32 ones rounded, so the float32 head's codes and scales, rebuilt in
   float32 and rounded the same way, give every one of them back (compact_rounded_rows: 0.044 s a
   pass over the vocabulary against 0.028 s reading the bfloat16 weight).
-- A LoRA layer's frozen product (mathtune.fused_lora, mathtune.gated_mlp) rebuilds its weight for
+- A LoRA layer's frozen product (mathtune.speedups.fused_lora, mathtune.speedups.gated_mlp) rebuilds its weight for
   the forward product and again for backward's, one matrix at a time, so no float32 copy of it is
   resident at any time (validation and generation during training too: their products would
   otherwise read the float32 pages in again). On Gemma 3 270M that keeps 90 of the 126 projection
@@ -38,7 +38,7 @@ import sys
 
 import torch
 
-from mathtune.models import LIBC
+from mathtune.speedups.memory import LIBC
 
 BLOCK = 32  # values per Q8_0 or Q5_0 block
 CODE_LIMITS = (127, 16)  # a block's largest |code|: Q8_0's (int8 codes), Q5_0's (codes -16 to 15)
@@ -234,7 +234,7 @@ def base_output(base: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
 def use_compact_base_weights(model: torch.nn.Module) -> int:
     """Give each PEFT LoRA linear layer's frozen, memory-mapped base weight its compact form where it has
     one (see the module docstring); returns how many. The products use it through base_output and
-    frozen_weight (mathtune.fused_lora, mathtune.gated_mlp)."""
+    frozen_weight (mathtune.speedups.fused_lora, mathtune.speedups.gated_mlp)."""
     from peft.tuners.lora.layer import Linear as LoraLinear
 
     compacted, clean = 0, _clean_file_mappings()

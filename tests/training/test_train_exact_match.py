@@ -7,11 +7,11 @@ from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 from mathtune import evaluate
-from mathtune import train as train_module
+from mathtune.training import recipe as train_module
 from mathtune.config import ConfigError, load_config
-from mathtune.report import write_report
+from mathtune.report.render import write_report
 from mathtune.runfiles import read_jsonl
-from mathtune.train import train
+from mathtune.training.recipe import train
 
 EM_KEYS = {"eval_exact_match_strict", "eval_exact_match_flexible", "eval_exact_match_n", "eval_generate_s"}
 

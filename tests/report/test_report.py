@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from conftest import REQUIRED_SUMMARY_KEYS, summary_lookup
-from mathtune import report
+from mathtune.report import render as report
 
 EVIL = 'Tom has <script>alert(1)</script> 3 <b>bold</b> apples & 2 pears | "quoted". How many?'
 

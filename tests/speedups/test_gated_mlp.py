@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mathtune.gated_mlp import GatedProduct, use_gated_mlp
+from mathtune.speedups.gated_mlp import GatedProduct, use_gated_mlp
 from mathtune.models import TINY_RANDOM, load_model
 
 
@@ -96,8 +96,8 @@ def kept_storage_bytes(run, parameters) -> int:
 def tiny_lora_model(dropout: float, targets: list[str]):
     from peft import LoraConfig, get_peft_model
 
-    from mathtune.dropout import use_uniform_dropout
-    from mathtune.fused_lora import use_fused_lora
+    from mathtune.speedups.dropout import use_uniform_dropout
+    from mathtune.speedups.fused_lora import use_fused_lora
 
     torch.manual_seed(0)
     model = get_peft_model(load_model(TINY_RANDOM, "float32"), LoraConfig(r=4, lora_dropout=dropout,
@@ -142,7 +142,7 @@ def test_the_mlp_trains_the_same_keeping_neither_gate_nor_up(dropout, targets):
 
 def test_the_recomputed_mlp_runs_in_bfloat16_under_autocast(monkeypatch):
     """As the Trainer runs a bf16 model: float32 LoRA weights cast to bf16, gradients close to PEFT's own path."""
-    from mathtune import gated_mlp
+    from mathtune.speedups import gated_mlp
 
     calls = []
     apply = gated_mlp.GatedLoraMLP.apply

@@ -5,8 +5,8 @@ import copy
 import pytest
 import torch
 
-from mathtune.dropout import use_uniform_dropout
-from mathtune.fused_lora import LoraBranch, plain_lora, use_fused_lora
+from mathtune.speedups.dropout import use_uniform_dropout
+from mathtune.speedups.fused_lora import LoraBranch, plain_lora, use_fused_lora
 from mathtune.models import TINY_RANDOM, load_model
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

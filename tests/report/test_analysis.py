@@ -11,7 +11,7 @@ import pytest
 from scipy import optimize, stats
 
 from conftest import REQUIRED_SUMMARY_KEYS, summary_lookup
-from mathtune import analysis as A
+from mathtune.report import analysis as A
 
 # --- Wilson -------------------------------------------------------------------------------------
 
@@ -404,6 +404,6 @@ def test_summary_drops_non_finite_losses_and_resumed_duplicates():
 
 def test_importing_the_training_module_leaves_scipy_unloaded():
     """Training imports analysis (through evaluate); scipy.stats loads only when a statistic is computed."""
-    code = "import sys, mathtune.train; print('scipy.stats' in sys.modules)"
+    code = "import sys, mathtune.training.recipe; print('scipy.stats' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"

@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import torch
 
-from mathtune.compact_weights import base_output
-from mathtune.dropout import UniformDropout, dropped_share, keep_mask, pack_mask, unpack_mask
+from mathtune.speedups.compact_weights import base_output
+from mathtune.speedups.dropout import UniformDropout, dropped_share, keep_mask, pack_mask, unpack_mask
 
 
 class LoraBranch(torch.autograd.Function):
@@ -48,7 +48,7 @@ class LoraBranch(torch.autograd.Function):
 
 def add_lora(flat_x, flat_result, lora_a, lora_b, scaling, drop_p):
     """flat_result += scaling * (dropout(flat_x) @ A.T) @ B.T in place; returns (kept, keep_scale, low_rank) for
-    lora_grads, kept being the keep-mask as bits (mathtune.dropout.pack_mask), or None without dropout."""
+    lora_grads, kept being the keep-mask as bits (mathtune.speedups.dropout.pack_mask), or None without dropout."""
     keep, keep_scale = None, 1.0
     if drop_p > 0:
         keep = keep_mask(flat_x.shape, drop_p, flat_x.device)
@@ -132,7 +132,7 @@ def _fused_forward(layer, peft_forward):
 def use_fused_lora(model: torch.nn.Module) -> int:
     """Route each PEFT LoRA linear layer through LoraBranch where it runs plain LoRA; returns how many.
 
-    Call after mathtune.dropout.use_uniform_dropout: the branch takes only layers whose dropout is
+    Call after mathtune.speedups.dropout.use_uniform_dropout: the branch takes only layers whose dropout is
     UniformDropout (or none), and draws its masks the same way.
     """
     from peft.tuners.lora.layer import Linear as LoraLinear

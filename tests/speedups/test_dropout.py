@@ -4,7 +4,7 @@ gradients the same way."""
 import pytest
 import torch
 
-from mathtune.dropout import UniformDropout, dropped_share, keep_mask, pack_mask, unpack_mask, use_uniform_dropout
+from mathtune.speedups.dropout import UniformDropout, dropped_share, keep_mask, pack_mask, unpack_mask, use_uniform_dropout
 from mathtune.models import TINY_RANDOM, load_model
 
 

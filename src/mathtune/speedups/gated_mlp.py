@@ -6,7 +6,7 @@ third of everything a float32 training step of Gemma 3 270M kept (432 of 1,307 K
 bench/RESULTS.md); with PEFT, down_proj's LoRA branch keeps its input, the product, a fourth.
 
 Where the three projections are frozen linear maps, each with a plain LoRA branch
-(mathtune.fused_lora) or none, GatedLoraMLP keeps only x (which the gate and up branches keep
+(mathtune.speedups.fused_lora) or none, GatedLoraMLP keeps only x (which the gate and up branches keep
 anyway), the branches' keep-masks (as bits) and their [tokens, r] products; backward recomputes
 gate and up with the same operations as forward (so the same values), then the product. That is
 two more frozen products per layer in backward (a quarter more of the decoder's frozen-product
@@ -25,8 +25,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from mathtune.compact_weights import dense, frozen_weight
-from mathtune.fused_lora import add_lora, lora_grads, lora_weights, plain_lora
+from mathtune.speedups.compact_weights import dense, frozen_weight
+from mathtune.speedups.fused_lora import add_lora, lora_grads, lora_weights, plain_lora
 
 # MLP classes whose forward is exactly down_proj(act_fn(gate_proj(x)) * up_proj(x))
 GATED_MLPS = {"GemmaMLP", "Gemma2MLP", "Gemma3MLP", "LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP"}
@@ -76,7 +76,7 @@ def activation_name(act_fn: torch.nn.Module) -> str | None:
 def use_gated_mlp(model: torch.nn.Module) -> int:
     """Route each known gated MLP with a handled activation through GatedLoraMLP or GatedProduct; returns how many.
 
-    Call after mathtune.dropout.use_uniform_dropout: an MLP with a LoRA branch on PEFT's own dropout
+    Call after mathtune.speedups.dropout.use_uniform_dropout: an MLP with a LoRA branch on PEFT's own dropout
     goes through GatedProduct, its branches through PEFT's forward.
     """
     replaced = 0
@@ -96,7 +96,7 @@ class GatedLoraMLP(torch.autograd.Function):
 
     Keeps x, the LoRA branches' keep-masks and [tokens, r] products, not gate and up: backward
     recomputes gate and up from them (the same operations as forward, so the same values), then the
-    product. `projections` holds the frozen maps (weights or their compact forms, mathtune.compact_weights,
+    product. `projections` holds the frozen maps (weights or their compact forms, mathtune.speedups.compact_weights,
     rebuilt for each product) and the branches' settings; the LoRA weights are arguments, None where
     a map has no branch.
     """
@@ -184,7 +184,7 @@ def _map_grads(flat_grad, flat_x, frozen: FrozenMap, branch, lora_a, lora_b, wan
 
 def _frozen_map(layer, x: torch.Tensor):
     """(FrozenMap, lora_A, lora_B) where `layer` is a frozen linear map applied to x, with no LoRA branch
-    (None, None) or a plain one (mathtune.fused_lora); None where its own forward must run."""
+    (None, None) or a plain one (mathtune.speedups.fused_lora); None where its own forward must run."""
     if hasattr(layer, "lora_A"):
         plain = plain_lora(layer, x)
         base = layer.base_layer

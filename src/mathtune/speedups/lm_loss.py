@@ -26,8 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mathtune.compact_weights import compact_rounded_rows, compact_rows
-from mathtune.models import float32_original
+from mathtune.speedups.compact_weights import compact_rounded_rows, compact_rows
 
 VOCAB_SLICE = 1024  # words per slice: a [1024, 1024] float32 tile is 4 MiB; 7% faster here than 4096 (bench/RESULTS.md)
 TOKEN_CHUNK = 1024  # positions per pass over the vocabulary
@@ -39,7 +38,7 @@ class LinearCrossEntropy(torch.autograd.Function):
 
     The gradient for `hidden` is computed in forward, for each position's own loss, and scaled in
     backward by the incoming per-position gradient. `weight` is frozen (LoRA does not train the head);
-    it is the head's weight or its compact copy (mathtune.compact_weights), read a slice of rows at a time.
+    it is the head's weight or its compact copy (mathtune.speedups.compact_weights), read a slice of rows at a time.
     """
 
     @staticmethod
@@ -197,25 +196,31 @@ def trl_head_is_compact(device: torch.device) -> bool:
     return device.type in ("cuda", "xpu") and is_triton_available()
 
 
-def head_weight(model):
+def wants_loss_head(model) -> bool:
+    """Whether the loss head computes what the model's own would (supports_loss_head) and TRL's fused head
+    would not already score only the loss-bearing positions here (trl_head_is_compact, faster where it runs)."""
+    return supports_loss_head(model) and not trl_head_is_compact(model.device)
+
+
+def head_weight(model, original: torch.Tensor | None = None):
     """The LM head's weight as the loss head reads it: the same values in fewer bytes where that saves
-    memory (a float32 head's own int8 blocks, or for the packaged model's bfloat16 copy those of the
-    float32 values it was rounded from: 168 MB for 335), else the weight itself."""
+    memory (a float32 head's own int8 blocks, or for a 16-bit head rounded from float32 values,
+    `original`, those of the float32 values), else the weight itself."""
     weight = model.get_output_embeddings().weight
-    return compact_rows(weight) or compact_rounded_rows(weight, float32_original(model, weight)) or weight
+    return compact_rows(weight) or compact_rounded_rows(weight, original) or weight
 
 
-def install_loss_head(model) -> None:
+def install_loss_head(model, original: torch.Tensor | None = None) -> int:
     """Give a causal LM a `loss_head=True` forward mode that returns a HeadOutput instead of logits.
 
     The mode goes through the model's own forward call (so DDP, PEFT and Accelerate wrappers see an
     ordinary forward), runs the decoder, and applies loss_positions_head, with the head's weight in a
-    compact exact form where that saves memory (mathtune.compact_weights); any other call is the
+    compact exact form where that saves memory (mathtune.speedups.compact_weights); any other call is the
     original forward, so generation is unchanged.
     """
     original_forward = model.forward
     softcap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
-    weight = head_weight(model)
+    weight = head_weight(model, original)
 
     @functools.wraps(original_forward)
     def forward(*args, loss_head=False, labels=None, **kwargs):
@@ -227,3 +232,4 @@ def install_loss_head(model) -> None:
         return loss_positions_head(hidden, labels, weight, softcap)
 
     model.forward = forward
+    return 1

@@ -23,16 +23,10 @@ import torch
 
 from mathtune import data as data_module
 from mathtune import evaluate as evaluation
-from mathtune.compact_weights import use_compact_base_weights
+from mathtune import speedups
 from mathtune.config import Config
-from mathtune.dropout import use_uniform_dropout
-from mathtune.fused_lora import use_fused_lora
-from mathtune.gated_mlp import use_gated_mlp
-from mathtune.lm_loss import install_loss_head, supports_loss_head, trl_head_is_compact
-from mathtune.models import (bound_matmul_cache, hardware_name, load_model, load_tokenizer, prefer_huge_pages,
-                             prefer_shape_agnostic_attention, release_free_heap, resolve_dtype)
-from mathtune.packed_attention import use_packed_attention
-from mathtune.rms_norm import use_gemma_rms_norm
+from mathtune.models import float32_original, hardware_name, load_model, load_tokenizer, resolve_dtype
+from mathtune.speedups.memory import release_free_heap
 from mathtune.runfiles import append_jsonl, read_json, read_jsonl, write_json, write_text
 
 COUNTERS = "mathtune_counters.json"  # in each checkpoint: what restore_counters reads
@@ -177,7 +171,7 @@ def make_trainer_class():
 
     class MathTuneTrainer(SFTTrainer):
         def __init__(self, *args, validation_examples, run_dir, generation_problems, eval_config,
-                     max_tokens_per_pass=None, **kwargs):
+                     max_tokens_per_pass=None, speedups_flags=speedups.Flags(), **kwargs):
             super().__init__(*args, **kwargs)
             self.max_tokens_per_pass = max_tokens_per_pass
             if max_tokens_per_pass and self.accelerator.num_processes > 1:
@@ -197,18 +191,10 @@ def make_trainer_class():
             self.generate_seconds = 0.0
             self.eval_seconds = 0.0  # validation passes and exact match: part of the Trainer's train_runtime
             causal_lm = self.model.get_base_model()
-            # Our LM head (mathtune.lm_loss) where it computes what the model's own would, unless TRL's
-            # fused head already scores only the loss-bearing positions (in Triton, on CUDA and XPU:
-            # 5x faster than ours on an H100, bench/RESULTS.md).
-            self.loss_head = supports_loss_head(causal_lm) and not trl_head_is_compact(causal_lm.device)
-            if self.loss_head:
-                install_loss_head(causal_lm)
-            if causal_lm.device.type == "cpu":  # elsewhere torch's dropout is one fused kernel, faster than ours
-                use_uniform_dropout(self.model)
-                use_fused_lora(self.model)
-                use_gated_mlp(self.model)  # (measured on CPUs only)
-                use_compact_base_weights(self.model)  # read by the products of the two above
-                use_gemma_rms_norm(self.model)
+            head = causal_lm.get_output_embeddings()
+            original = float32_original(causal_lm, head.weight) if head is not None else None
+            self.speedups = speedups.apply(self.model, speedups_flags, head_original=original)
+            self.loss_head = "loss_head" in self.speedups
 
         def training_step(self, model, inputs, num_items_in_batch=None):
             """A batch longer than max_tokens_per_pass goes through forward and backward piece by piece.
@@ -511,8 +497,7 @@ def train(config: Config, overwrite: bool = False, resume: bool = False, merge: 
     from accelerate import PartialState
     from datasets import Dataset as HFDataset
 
-    prefer_huge_pages()  # before the first large tensor (mathtune's command line calls it first thing too)
-    bound_matmul_cache()
+    speedups.apply_process_settings()  # before the first large tensor (mathtune's command line applies them too)
     state = PartialState(cpu=not torch.cuda.is_available())  # cpu: gloo data parallelism when launched on CPUs
     run_dir = config.run_dir
     # Bad data or a model that cannot be found fail here, before the run directory is touched.
@@ -544,9 +529,7 @@ def train(config: Config, overwrite: bool = False, resume: bool = False, merge: 
     logged = read_jsonl(run_dir / "metrics.jsonl")  # what a resumed run goes on from
 
     dtype = resolve_dtype(config.model.dtype)
-    prefer_shape_agnostic_attention()
     model = load_model(config.model.name, config.model.dtype, config.model.revision)
-    use_packed_attention(model)  # padding-free rows: attention one example at a time
     model.train()  # threads: Accelerate gives each CPU process its share of the cores
 
     from transformers import EarlyStoppingCallback, set_seed
@@ -570,6 +553,7 @@ def train(config: Config, overwrite: bool = False, resume: bool = False, merge: 
         generation_problems=data_module.seeded_subset(validation_problems, config.eval.generate_subset, config.eval.seed),
         eval_config=config.eval,
         max_tokens_per_pass=config.train.max_tokens_per_pass,
+        speedups_flags=config.speedups,
     )
     if checkpoint:
         trainer.restore_counters(checkpoint)

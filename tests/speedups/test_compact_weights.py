@@ -5,13 +5,13 @@ import sys
 import pytest
 import torch
 
-from mathtune.compact_weights import (
+from mathtune.speedups.compact_weights import (
     Bfloat16Rows, Int8BlockRows, as_int8_blocks, compact_rounded_rows, compact_rows, use_compact_base_weights,
 )
-from mathtune.dropout import use_uniform_dropout
-from mathtune.fused_lora import use_fused_lora
-from mathtune.gated_mlp import use_gated_mlp
-from mathtune.lm_loss import LinearCrossEntropy
+from mathtune.speedups.dropout import use_uniform_dropout
+from mathtune.speedups.fused_lora import use_fused_lora
+from mathtune.speedups.gated_mlp import use_gated_mlp
+from mathtune.speedups.lm_loss import LinearCrossEntropy
 from mathtune.models import PACKAGED_DIR_NAME, TINY_RANDOM, float32_original, load_model
 
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/smaps")
@@ -90,7 +90,7 @@ def test_values_off_the_int8_grid_are_refused():
 
 @linux_only
 def test_a_mapped_q8_0_weight_is_kept_as_int8_and_its_pages_go_back(tmp_path, monkeypatch):
-    monkeypatch.setattr("mathtune.compact_weights.CHECK_ROWS", 1000)  # several pieces
+    monkeypatch.setattr("mathtune.speedups.compact_weights.CHECK_ROWS", 1000)  # several pieces
     values = q8_0_values(4096, 256)
     weight = mapped(values, tmp_path / "weight.bin")
     assert float(weight.sum()) == float(values.sum())  # read: every page resident
@@ -126,7 +126,7 @@ def test_weights_that_would_not_save_memory_are_left_alone(tmp_path):
 
 @linux_only
 def test_a_bfloat16_copy_of_q8_0_values_is_kept_as_their_int8_blocks(tmp_path, monkeypatch):
-    monkeypatch.setattr("mathtune.compact_weights.CHECK_ROWS", 1000)  # several pieces
+    monkeypatch.setattr("mathtune.speedups.compact_weights.CHECK_ROWS", 1000)  # several pieces
     values = q8_0_values(4096, 256)
     exact = mapped(values, tmp_path / "exact.bin")
     rounded = values.to(torch.bfloat16)

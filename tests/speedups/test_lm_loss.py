@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mathtune.lm_loss import (
+from mathtune.speedups.lm_loss import (
     LinearCrossEntropy, install_loss_head, loss_positions_head, supports_loss_head, trl_head_is_compact,
 )
 from mathtune.models import TINY_RANDOM, load_model
