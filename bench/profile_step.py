@@ -74,6 +74,142 @@ def packed_batch(examples: list[dict]) -> dict:
     }
 
 
+class Profile:
+    """The LoRA model, its two batches, and how to time a step of it."""
+
+    def __init__(self, args):
+        from peft import LoraConfig as PeftLoraConfig, get_peft_model
+        from trl.trainer.utils import add_fused_lm_head
+
+        tokenizer = load_tokenizer(args.model)
+        problems = seeded_subset(read_problems(DATA / "train.jsonl", "train")[0], args.batch, seed=0)
+        examples = [tokenize_example(tokenizer, p["question"], p["answer"]) for p in problems]
+        model = load_model(args.model, "auto")
+        add_fused_lm_head(model, outputs=("log_probs", "entropy", "is_top1"))  # what TRL's SFTTrainer installs
+        lora = LoraConfig()
+        self.model = get_peft_model(model, PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                                          target_modules=lora.target_modules, task_type="CAUSAL_LM"))
+        self.model.train()
+        self.causal_lm = self.model.get_base_model()
+        self.decoder, self.head = self.causal_lm.get_decoder(), self.causal_lm.get_output_embeddings()
+        self.padded = {k: v.to(model.device) for k, v in padded_batch(examples, tokenizer.pad_token_id).items()}
+        self.packed = {k: v.to(model.device) for k, v in packed_batch(examples).items()}
+        self.n_tokens = sum(len(e["input_ids"]) for e in examples)
+        self.repeats = args.repeats
+        n_loss = int((self.packed["labels"][:, 1:] != -100).sum())
+        print(f"model {args.model}, dtype {str(resolve_dtype('auto')).removeprefix('torch.')}, "
+              f"{torch.get_num_threads()} threads; {args.batch} problems: {self.n_tokens} tokens "
+              f"({self.padded['input_ids'].numel()} with padding), {n_loss} loss-bearing")
+
+    def autocast(self):
+        """The Trainer's bf16 (both setups) runs the forward pass under autocast."""
+        return torch.autocast(self.model.device.type, dtype=torch.bfloat16,
+                              enabled=self.head.weight.dtype == torch.bfloat16)
+
+    def trl_head(self, batch):
+        return -self.model(**batch, fused_lm_head=True).log_probs.sum()
+
+    def our_head(self, batch, weight=None):
+        hidden = self.decoder(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False).last_hidden_state
+        return loss_positions_head(hidden, batch["labels"], self.head.weight if weight is None else weight).losses.sum()
+
+    def step(self, loss_of, batch, checkpointing=False, attention="sdpa"):
+        def run():
+            self.causal_lm.set_attn_implementation(attention)
+            if checkpointing:
+                self.model.gradient_checkpointing_enable({"use_reentrant": False})
+            with self.autocast():
+                loss = loss_of(batch)
+            loss.backward()
+            if checkpointing:
+                self.model.gradient_checkpointing_disable()
+            self.model.zero_grad(set_to_none=True)
+        return run
+
+    def show(self, label, run):
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        seconds = median_seconds(run, self.repeats)
+        gpu = f"  peak GPU {torch.cuda.max_memory_allocated() / 2**30:6.2f} GB" if torch.cuda.is_available() else ""
+        print(f"{label:64s} {seconds:7.3f} s  {self.n_tokens / seconds:7.1f} tokens/s{gpu}", flush=True)
+        return seconds
+
+
+# mathtune's CPU patches, one line each, in speedups.apply's order
+CPU_PATCHES = {"uniform_dropout": "LoRA dropout masks from 16-bit words", "fused_lora": "LoRA branch as one function",
+               "gated_mlp": "gated MLP as one function (gate and up recomputed)",
+               "compact_weights": "frozen base weights compact", "rms_norm": "RMS norms keeping only their output"}
+
+
+def whole_steps(p: Profile, trace: str | None):
+    """Whole steps from TRL's documented setup to mathtune's, each line adding one change; returns mathtune's loss."""
+    packed = functools.partial(p.step, batch=p.packed, attention=PACKED_ATTENTION)
+    print("\nwhole steps (forward + backward), each line adding one change to the one above:")
+    use_packed_attention(p.causal_lm)  # registers the function; each step sets the implementation it uses
+    first = p.show("TRL defaults: padded, checkpointing, TRL's head on every position",
+                   p.step(p.trl_head, p.padded, checkpointing=True))
+    p.show("  without gradient checkpointing", p.step(p.trl_head, p.padded))
+    p.show("  padding-free row (SDPA with a block-diagonal mask)", p.step(p.trl_head, p.packed))
+    p.show("  attention one example at a time", packed(p.trl_head))
+    p.show("  our head on loss-bearing positions", packed(p.our_head))
+    only = {name: False for name in speedups.Flags.__dataclass_fields__}
+    loss_of = p.our_head
+    for name, label in CPU_PATCHES.items():
+        if name == "gated_mlp":  # the head as mathtune train reads it; the weight itself where nothing is compact
+            weight = head_weight(p.causal_lm, float32_original(p.causal_lm, p.head.weight))
+            loss_of = functools.partial(p.our_head, weight=weight)
+            kind = "is (not compact here)" if weight is p.head.weight else type(weight).__name__
+            p.show(f"  head weight as {kind}", packed(loss_of))
+        changed = speedups.apply(p.model, speedups.Flags(**{**only, name: True}))[name]
+        last = p.show(f"  {label} ({changed} modules)", packed(loss_of))
+    print("  (the line above is mathtune train on a CPU)")
+    print(f"ratio: {first / last:.2f}x")
+    p.show("  (the same with gradient checkpointing)", packed(loss_of, checkpointing=True))
+    if trace:
+        from torch.profiler import ProfilerActivity, profile
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+        mathtune_step = packed(loss_of)
+        with profile(activities=activities) as recorded:
+            mathtune_step()
+            finished()
+        sort = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+        Path(trace).write_text(recorded.key_averages().table(sort_by=sort, row_limit=40) + "\n\n"
+                               + recorded.key_averages().table(sort_by="self_cpu_time_total", row_limit=40))
+    return weight
+
+
+def parts(p: Profile, weight) -> None:
+    """The decoder and the two heads on their own."""
+    from trl.kernels.chunked_logprob import ChunkedLogProbFunction
+    from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE
+
+    print("\nparts of mathtune's step:")
+    p.causal_lm.set_attn_implementation(PACKED_ATTENTION)
+    inputs = {k: v for k, v in p.packed.items() if k != "labels"}
+
+    def decoder_forward():
+        with p.autocast():
+            return p.decoder(**inputs, use_cache=False).last_hidden_state
+
+    p.show("decoder forward", decoder_forward)
+    p.show("decoder forward + backward", lambda: decoder_forward().sum().backward())
+    hidden = decoder_forward().detach()
+
+    def trl_head_alone():
+        flat = hidden[:, :-1].reshape(-1, hidden.shape[-1]).requires_grad_()
+        targets = p.packed["labels"][:, 1:].clamp(min=0).reshape(-1)
+        log_probs, *_ = ChunkedLogProbFunction.apply(flat, p.head.weight, None, targets, 1.0,
+                                                     _CHUNKED_LOGPROB_CHUNK_SIZE, None, 1.0, ("entropy", "is_top1"))
+        log_probs.sum().backward()
+
+    def our_head_alone():
+        loss_positions_head(hidden.clone().requires_grad_(), p.packed["labels"], weight).losses.sum().backward()
+
+    p.show("LM head forward + backward: TRL's, every position (as on a CPU)", trl_head_alone)
+    p.show("LM head forward + backward: ours, loss-bearing positions", our_head_alone)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--batch", type=int, default=4)
@@ -90,124 +226,8 @@ def main() -> None:
 
         args.model = random_model_dir(args.random_shape, args.tokenizer or resolve_model_path(PACKAGED_GEMMA),
                                       Path(args.work))
-
-    from peft import LoraConfig as PeftLoraConfig, get_peft_model
-    from trl.trainer.utils import add_fused_lm_head
-
-    tokenizer = load_tokenizer(args.model)
-    problems = seeded_subset(read_problems(DATA / "train.jsonl", "train")[0], args.batch, seed=0)
-    examples = [tokenize_example(tokenizer, p["question"], p["answer"]) for p in problems]
-    model = load_model(args.model, "auto")
-    add_fused_lm_head(model, outputs=("log_probs", "entropy", "is_top1"))  # what TRL's SFTTrainer installs
-    lora = LoraConfig()
-    model = get_peft_model(model, PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                                                 target_modules=lora.target_modules, task_type="CAUSAL_LM"))
-    model.train()
-    causal_lm = model.get_base_model()
-    decoder, head = causal_lm.get_decoder(), causal_lm.get_output_embeddings()
-    padded = {k: v.to(model.device) for k, v in padded_batch(examples, tokenizer.pad_token_id).items()}
-    packed = {k: v.to(model.device) for k, v in packed_batch(examples).items()}
-    n_tokens = sum(len(e["input_ids"]) for e in examples)
-    n_loss = int((packed["labels"][:, 1:] != -100).sum())
-    print(f"model {args.model}, dtype {str(resolve_dtype('auto')).removeprefix('torch.')}, "
-          f"{torch.get_num_threads()} threads; {args.batch} problems: {n_tokens} tokens "
-          f"({padded['input_ids'].numel()} with padding), {n_loss} loss-bearing")
-
-    def trl_head(batch):
-        return -model(**batch, fused_lm_head=True).log_probs.sum()
-
-    def our_head(batch, weight=head.weight):
-        hidden = decoder(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False).last_hidden_state
-        return loss_positions_head(hidden, batch["labels"], weight).losses.sum()
-
-    # the Trainer's bf16 (both setups) runs the forward pass under autocast
-    autocast = functools.partial(torch.autocast, model.device.type, dtype=torch.bfloat16,
-                                 enabled=head.weight.dtype == torch.bfloat16)
-
-    def step(loss_of, batch, checkpointing=False, attention="sdpa"):
-        def run():
-            causal_lm.set_attn_implementation(attention)
-            if checkpointing:
-                model.gradient_checkpointing_enable({"use_reentrant": False})
-            with autocast():
-                loss = loss_of(batch)
-            loss.backward()
-            if checkpointing:
-                model.gradient_checkpointing_disable()
-            model.zero_grad(set_to_none=True)
-        return run
-
-    def show(label, run):
-        if torch.cuda.is_available():
-            torch.cuda.reset_peak_memory_stats()
-        seconds = median_seconds(run, args.repeats)
-        gpu = f"  peak GPU {torch.cuda.max_memory_allocated() / 2**30:6.2f} GB" if torch.cuda.is_available() else ""
-        print(f"{label:64s} {seconds:7.3f} s  {n_tokens / seconds:7.1f} tokens/s{gpu}", flush=True)
-        return seconds
-
-    print("\nwhole steps (forward + backward), each line adding one change to the one above:")
-    use_packed_attention(causal_lm)  # registers the function; each step sets the implementation it uses
-    first = show("TRL defaults: padded, checkpointing, TRL's head on every position",
-                 step(trl_head, padded, checkpointing=True))
-    show("  without gradient checkpointing", step(trl_head, padded))
-    show("  padding-free row (SDPA with a block-diagonal mask)", step(trl_head, packed))
-    show("  attention one example at a time", step(trl_head, packed, attention=PACKED_ATTENTION))
-    show("  our head on loss-bearing positions", step(our_head, packed, attention=PACKED_ATTENTION))
-    # the CPU patches one at a time, in speedups.apply's order (the loss head's compact weight before the MLP)
-    cpu_patches = {"uniform_dropout": "LoRA dropout masks from 16-bit words", "fused_lora": "LoRA branch as one function",
-                   "gated_mlp": "gated MLP as one function (gate and up recomputed)",
-                   "compact_weights": "frozen base weights compact", "rms_norm": "RMS norms keeping only their output"}
-    only = {name: False for name in speedups.Flags.__dataclass_fields__}
-    loss_of = our_head
-    for name, label in cpu_patches.items():
-        if name == "gated_mlp":  # the head as mathtune train reads it; the weight itself where nothing is compact
-            weight = head_weight(causal_lm, float32_original(causal_lm, head.weight))
-            loss_of = functools.partial(our_head, weight=weight)
-            show(f"  head weight as {'is (not compact here)' if weight is head.weight else type(weight).__name__}",
-                 step(loss_of, packed, attention=PACKED_ATTENTION))
-        changed = speedups.apply(model, speedups.Flags(**{**only, name: True}))[name]
-        last = show(f"  {label} ({changed} modules)", step(loss_of, packed, attention=PACKED_ATTENTION))
-    print("  (the line above is mathtune train on a CPU)")
-    print(f"ratio: {first / last:.2f}x")
-    show("  (the same with gradient checkpointing)", step(loss_of, packed, checkpointing=True, attention=PACKED_ATTENTION))
-    if args.trace:
-        from torch.profiler import ProfilerActivity, profile
-
-        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
-        mathtune_step = step(loss_of, packed, attention=PACKED_ATTENTION)
-        with profile(activities=activities) as trace:
-            mathtune_step()
-            finished()
-        sort = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
-        Path(args.trace).write_text(trace.key_averages().table(sort_by=sort, row_limit=40)
-                                    + "\n\n" + trace.key_averages().table(sort_by="self_cpu_time_total", row_limit=40))
-
-    print("\nparts of mathtune's step:")
-    causal_lm.set_attn_implementation(PACKED_ATTENTION)
-    inputs = {k: v for k, v in packed.items() if k != "labels"}
-
-    def decoder_forward():
-        with autocast():
-            return decoder(**inputs, use_cache=False).last_hidden_state
-
-    show("decoder forward", decoder_forward)
-    show("decoder forward + backward", lambda: decoder_forward().sum().backward())
-    hidden = decoder_forward().detach()
-    from trl.kernels.chunked_logprob import ChunkedLogProbFunction
-    from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE
-
-    def trl_head_alone():
-        flat = hidden[:, :-1].reshape(-1, hidden.shape[-1]).requires_grad_()
-        targets = packed["labels"][:, 1:].clamp(min=0).reshape(-1)
-        log_probs, *_ = ChunkedLogProbFunction.apply(flat, head.weight, None, targets, 1.0,
-                                                     _CHUNKED_LOGPROB_CHUNK_SIZE, None, 1.0, ("entropy", "is_top1"))
-        log_probs.sum().backward()
-
-    def our_head_alone():
-        loss_positions_head(hidden.clone().requires_grad_(), packed["labels"], weight).losses.sum().backward()
-
-    show("LM head forward + backward: TRL's, every position (as on a CPU)", trl_head_alone)
-    show("LM head forward + backward: ours, loss-bearing positions", our_head_alone)
+    profile = Profile(args)
+    parts(profile, whole_steps(profile, args.trace))
 
 
 if __name__ == "__main__":
