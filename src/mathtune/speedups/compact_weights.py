@@ -3,23 +3,23 @@
 The packaged Gemma 3 270M comes from a GGUF file whose blocks of 32 values share one float16 scale:
 its 262,144 x 640 embedding (the LM head) is Q8_0 (int8 codes), the query, key, gate and up
 projections Q5_0 (codes -16 to 15), part of the value projections Q8_0. Their float32 values are
-exactly codes x scales, so they are kept that way, in 28% of the bytes; each value is checked, and a
-matrix that does not give every value back stays as it is. A float32 matrix whose values are all
-bfloat16 numbers is likewise kept in bfloat16.
+exactly codes x scales, so they are kept that way (an int8 code a value and a float32 scale a block:
+36 bytes for every 128 of float32); each value is checked, and a matrix that does not give every
+value back stays as it is. A float32 matrix whose values are all bfloat16 numbers is likewise kept
+in bfloat16.
 
-- The loss head (mathtune.speedups.lm_loss) reads the whole head weight at every step: in float32 it is
-  671 MB resident for the whole run, compact 176 MB; each vocabulary slice is rebuilt as the head
-  reaches it (about as fast as reading the float32 slice from memory, bench/RESULTS.md). A
-  bfloat16 copy of such a head (the packaged model's, mathtune.models.float32_original) is 335 MB;
-  its values are the float32 ones rounded, so the float32 head's codes and scales, rebuilt in
-  float32 and rounded the same way, give every one of them back (compact_rounded_rows: 0.044 s a
-  pass over the vocabulary against 0.028 s reading the bfloat16 weight).
+- The loss head (mathtune.speedups.lm_loss) reads the whole head weight at every step, so in float32
+  all of it stays resident for the whole run; kept compact, each vocabulary slice is rebuilt as the
+  head reaches it, which costs about as much as reading the float32 slice from memory. A bfloat16
+  copy of such a head (the packaged model's, mathtune.models.float32_original) holds the float32
+  values rounded, so the float32 head's codes and scales, rebuilt in float32 and rounded the same
+  way, give every one of them back (compact_rounded_rows; a pass over the vocabulary takes longer
+  than reading the bfloat16 weight, from a little over half its bytes).
 - A LoRA layer's frozen product (mathtune.speedups.fused_lora, mathtune.speedups.gated_mlp) rebuilds its weight for
   the forward product and again for backward's, one matrix at a time, so no float32 copy of it is
   resident at any time (validation and generation during training too: their products would
   otherwise read the float32 pages in again). On Gemma 3 270M that keeps 90 of the 126 projection
-  matrices (63 of the decoder's 100 million weights) compact: 0.17 GB of float32 pages not
-  resident, for 0.07 GB of codes and scales (bench/RESULTS.md); the rest are GGUF Q4_K and Q6_K
+  matrices (63 of the decoder's 100 million weights) compact; the rest are GGUF Q4_K and Q6_K
   blocks, whose values are not codes x one scale.
 
 The model keeps its float32 weights for everything else (the embedding lookup, generation, saving,

@@ -1,16 +1,14 @@
 """LoRA dropout with masks drawn 64 random bits at a time: a fraction of torch's mask cost on CPUs.
 
-PEFT applies its own nn.Dropout to the input of each of a layer's seven LoRA modules; a training
-step of Gemma 3 270M on a batch of 4 GSM8K problems draws about 100 million mask entries. On a CPU
-torch's dropout draws them with bernoulli_, one call of the serial generator per entry, which was
-the largest cost after the matrix products (1.07 s of a profiled step; these masks take 0.15 s;
-bench/RESULTS.md). Here each int64 drawn over its full range gives four 16-bit words, and an input
-is kept where its word is at least a threshold: each input is kept independently with probability
-1 - p', p' being p rounded to a multiple of 1/65,536 (0.1 becomes 0.100006), and kept inputs are
-scaled by 1 / (1 - p'), so the expectation is exact. The backward pass keeps the mask as bits, eight
-to a byte: as booleans the masks of a bfloat16 step of Gemma 3 270M took 110 of its 390 KiB per
-token (packing takes four integer passes over the booleans' bytes, unpacking six: 28 ms each for
-57.6 million entries here).
+PEFT applies its own nn.Dropout to the input of each of a layer's seven LoRA modules, so a training
+step draws a mask entry for every value of every LoRA module's input. On a CPU torch's dropout draws
+them with bernoulli_, one call of the serial generator per entry, which was the largest cost of a
+profiled step after the matrix products. Here each int64 drawn over its full range gives four 16-bit
+words, and an input is kept where its word is at least a threshold: each input is kept independently
+with probability 1 - p', p' being p rounded to a multiple of 1/65,536 (0.1 becomes 0.100006), and
+kept inputs are scaled by 1 / (1 - p'), so the expectation is exact. The backward pass keeps the
+mask as bits, eight to a byte: as booleans the masks were a large share of what a bfloat16 step
+keeps per token (packing takes four integer passes over the booleans' bytes, unpacking six).
 The random stream differs from torch's, so runs are reproducible given the seed but not
 bit-identical to PEFT's own dropout. On GPUs torch's dropout is one fused kernel; mathtune uses
 this on CPUs only.

@@ -3,17 +3,16 @@
 PEFT computes a LoRA layer as `base(x) + lora_B(lora_A(dropout(x))) * scaling`, in separate
 operations: the [tokens, out] product of lora_B is written, scaled into a second [tokens, out]
 tensor and added into a third, and backward goes through each again; on a CPU, where such passes
-are bound by memory bandwidth, doing without them made the decoder's forward and backward 5-7%
-faster on Gemma 3 270M (bench/RESULTS.md). Autograd also keeps each
-projection's own dropped copy of its input for lora_A's gradient, although q, k and v (and gate and
-up) read the same input.
+are bound by memory bandwidth, doing without them makes the decoder's forward and backward faster.
+Autograd also keeps each projection's own dropped copy of its input for lora_A's gradient, although
+q, k and v (and gate and up) read the same input.
 
 Here the branch is one function: the rank-r product is added into the base output in place
 (`addmm_`, scaled on the way), and backward recomputes the dropped input from the saved input and
-keep-mask (as bits), so the three projections that share an input save it once. The products are the same as
-PEFT's, so the result is unchanged up to the order of floating-point sums. Used where PEFT's own
-forward would run plain LoRA on one adapter (no DoRA or other variant, not merged, no per-example
-adapters); anything else goes to PEFT's forward unchanged.
+keep-mask (as bits), so the three projections that share an input save it once. The products are the
+same as PEFT's, so the result is unchanged up to the order of floating-point sums. Used where PEFT's
+own forward would run plain LoRA on one adapter (no DoRA or other variant, not merged, no
+per-example adapters); anything else goes to PEFT's forward unchanged.
 """
 
 from __future__ import annotations
@@ -67,7 +66,7 @@ def lora_grads(flat_grad, flat_x, kept, keep_scale, low_rank, lora_a, lora_b, sc
     grad_low_rank = (flat_grad @ lora_b).mul_(scaling)  # [tokens, r]
     grad_a = grad_b = grad_x = None
     if want_b:
-        # as (r x tokens) @ (tokens x out), transposed: the skinny-output layout is several times slower on CPUs
+        # as (r x tokens) @ (tokens x out), transposed: the skinny-output layout is much slower on CPUs
         grad_b = (low_rank.t() @ flat_grad).t().mul_(scaling)
     if want_a:
         grad_a = (grad_low_rank.t() @ _masked(flat_x, keep)).mul_(keep_scale)
@@ -79,7 +78,7 @@ def lora_grads(flat_grad, flat_x, kept, keep_scale, low_rank, lora_a, lora_b, sc
 
 
 def _masked(x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
-    # where, not mul: a float-by-bool product first converts the mask to floats (5x slower on a CPU)
+    # where, not mul: a float-by-bool product first converts the mask to floats, a pass more over the input's size
     return x if keep is None else torch.where(keep, x, 0.0)
 
 

@@ -2,16 +2,15 @@
 
 Gemma's MLP computes down_proj(gelu(gate_proj(x)) * up_proj(x)). Autograd keeps gate (for gelu's
 backward), gelu(gate) and up (for the product's): three [tokens, intermediate] tensors per layer, a
-third of everything a float32 training step of Gemma 3 270M kept (432 of 1,307 KiB per token,
-bench/RESULTS.md); with PEFT, down_proj's LoRA branch keeps its input, the product, a fourth.
+large part of everything a training step of Gemma 3 270M keeps; with PEFT, down_proj's LoRA branch
+keeps its input, the product, a fourth.
 
 Where the three projections are frozen linear maps, each with a plain LoRA branch
 (mathtune.speedups.fused_lora) or none, GatedLoraMLP keeps only x (which the gate and up branches keep
 anyway), the branches' keep-masks (as bits) and their [tokens, r] products; backward recomputes
 gate and up with the same operations as forward (so the same values), then the product. That is
 two more frozen products per layer in backward (a quarter more of the decoder's frozen-product
-work) for two [tokens, intermediate] tensors fewer: 144 of 534 KiB per token on a bfloat16 step
-of Gemma 3 270M.
+work) for two [tokens, intermediate] tensors fewer.
 
 Otherwise GatedProduct computes act(gate) * up keeping gate and up only (backward recomputes
 act(gate), one elementwise pass; the same operations as autograd's, so bit for bit the same

@@ -1,8 +1,9 @@
 """Cross-entropy through the LM head on the loss-bearing positions only, without full logits.
 
 Gemma's 262,144-word vocabulary makes the LM head the largest single cost of a training step: its
-matrix product costs more than the 18 transformer layers of Gemma 3 270M together, and the float32
-logits of a 4 x 256 batch take about 1 GB. Three things here cut that cost without changing the loss:
+matrix product (262,144 x 640 weights) costs more than the 18 transformer layers of Gemma 3 270M
+together (100 million weights), and the float32 logits of a 4 x 256 batch (1,024 x 262,144 values)
+take about 1 GB. Three things here cut that cost without changing the loss:
 
 - only positions whose next token carries loss (the solution, not the question or padding) go
   through the head; the others' logits are never used;
@@ -28,7 +29,7 @@ import torch
 
 from mathtune.speedups.compact_weights import compact_rounded_rows, compact_rows
 
-VOCAB_SLICE = 1024  # words per slice: a [1024, 1024] float32 tile is 4 MiB; 7% faster here than 4096 (bench/RESULTS.md)
+VOCAB_SLICE = 1024  # words per slice: a [1024, 1024] float32 tile is 4 MiB, which stays in cache; faster than 4096
 TOKEN_CHUNK = 1024  # positions per pass over the vocabulary
 LOGIT_SCALES = ("logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling")  # config names
 
@@ -97,7 +98,7 @@ def _chunk(hidden, weight, targets, softcap, vocab_slice, wants_grad):
             weighted.mul_(rescale.unsqueeze(1))
             if words.dtype == exact:
                 weighted.addmm_(probs, words)
-            else:  # 16-bit weights: the product in their dtype (bf16 units; a float32 copy of each slice costs 5x)
+            else:  # 16-bit weights: the product in their dtype (bf16 units; a float32 copy of each slice costs more)
                 weighted.add_(probs.to(words.dtype) @ words)
         running_max = new_max
     target_words = weight[targets]
@@ -116,8 +117,8 @@ class _HitTest:
     """Whether each position's target is the first arg-max of its logits, read slice by slice.
 
     The target is the first arg-max exactly when its logit equals the maximum and every earlier
-    word's logit is below it. Each slice gives its maximum (amax: about 7x faster on a CPU than
-    max with indices, which every slice would need) and, for the few positions whose target lies in
+    word's logit is below it. Each slice gives its maximum (amax: much faster on a CPU than max
+    with indices, which every slice would need) and, for the few positions whose target lies in
     it, the target's logit and the maximum of the words before it there; whole slices before a
     target are covered by a running maximum over the slices' maxima at the end.
     """

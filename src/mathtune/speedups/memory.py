@@ -21,7 +21,7 @@ def release_free_heap() -> None:
     """Hand the pages the C library's heap holds free back to the system (glibc's malloc_trim; a no-op elsewhere).
 
     The heap keeps freed memory resident, and on a CPU a training step's temporaries leave much of it
-    free: 813 of its 1,278 MB at the end of the benchmark's epoch (bench/RESULTS.md).
+    free, resident but unused until a later allocation reuses it.
     """
     if LIBC is not None and hasattr(LIBC, "malloc_trim"):  # glibc's
         LIBC.malloc_trim(0)
@@ -30,10 +30,9 @@ def release_free_heap() -> None:
 def prefer_shape_agnostic_attention() -> None:
     """On CUDA, let SDPA choose flash or memory-efficient attention, not cuDNN's.
 
-    cuDNN's attention builds an execution plan for each new sequence length, which takes hundreds of
-    milliseconds; GSM8K batches (and each decoding step) bring new lengths all the time. On an H100
-    a training step of Gemma-2B's shape (batch 4) took 0.6-0.9 s with it and 0.3-0.35 s without
-    (bench/RESULTS.md). Flash and memory-efficient attention need no per-shape plan.
+    cuDNN's attention builds an execution plan for each new sequence length, which is slow; GSM8K
+    batches (and each decoding step) bring new lengths all the time, so building plans, not the
+    arithmetic, sets the pace of a step. Flash and memory-efficient attention need no per-shape plan.
     """
     import torch
 
@@ -44,10 +43,9 @@ def prefer_shape_agnostic_attention() -> None:
 def prefer_huge_pages(setting: Path = TRANSPARENT_HUGE_PAGES) -> bool:
     """Let PyTorch put CPU tensors of 2 MB and more on transparent huge pages where the kernel offers them.
 
-    Training allocates and frees activations of a few MB thousands of times a step; on the heap they
-    leave resident holes. With huge pages (PyTorch's THP_MEM_ALLOC_ENABLE) the peak resident memory
-    of a training run of Gemma 3 270M on 2 CPU cores went from 2.72 to 2.46 GB (2.52 in a second
-    run) at the same speed (bench/RESULTS.md). PyTorch reads the variable once, at its first
+    Training allocates and frees large activations many times a step; on the heap they leave
+    resident holes. With huge pages (PyTorch's THP_MEM_ALLOC_ENABLE) the peak resident memory of a
+    training run was lower, at the same speed. PyTorch reads the variable once, at its first
     allocation of 2 MB or more, so this must run before the model loads; a value the user set is
     kept. Returns whether it is on.
     """
@@ -66,13 +64,12 @@ def bound_matmul_cache(capacity: int = MATMUL_CACHE_CAPACITY) -> None:
     bfloat16 products on CPUs run through oneDNN, which builds a kernel for each new product shape,
     and two caches keep them: oneDNN's own (the last 1,024 built, ONEDNN_PRIMITIVE_CACHE_CAPACITY)
     and PyTorch's of its oneDNN product objects (the last 1,024 used, LRU_CACHE_CAPACITY), each entry
-    with up to a few MB. Padding-free batches bring new token counts, so new shapes, at every step:
-    with the defaults the second cache alone grew by 8 MB a step (the heap in use after each
-    training step of Gemma 3 270M), and the peak of one epoch of 64 problems was 0.5 GB higher with
-    1,024 oneDNN kernels kept than with 64, and 0.17 GB higher with 1,024 of PyTorch's objects kept
-    than with 64 (bench/RESULTS.md). A step uses a few dozen shapes, repeated across the layers, so
-    that many kept loses no speed; reuse across steps is rare anyway. The caches read the variables
-    when they build their first entry, so this runs before any model; a value the user set is kept.
+    with working memory of its own. Padding-free batches bring new token counts, so new shapes, at
+    every step: with the defaults each cache, and with them the heap in use, grows step after step,
+    and the peak of a training run with it. A step uses a few dozen shapes, repeated across the
+    layers, so that many kept loses no speed; reuse across steps is rare anyway. The caches read the
+    variables when they build their first entry, so this runs before any model; a value the user
+    set is kept.
     """
     os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", str(capacity))
     os.environ.setdefault("LRU_CACHE_CAPACITY", str(capacity))

@@ -90,10 +90,10 @@ class ExampleFlashAttention(torch.autograd.Function):
 
     In 16-bit dtypes each example goes to the kernel padded with zeros to a multiple of LENGTH_STEP
     tokens. The kernel's 16-bit path builds matrix-product kernels for each sequence length it meets
-    and keeps them for the life of the process (torch 2.13: about 5 MB of memory per new length;
-    its float32 path keeps nothing; bench/RESULTS.md), and a fine-tuning run meets hundreds of lengths. Under a causal mask no real
-    position attends to the padding after it, and the padding's output (discarded) gets no gradient,
-    so the real positions' outputs and gradients are those of the example alone.
+    and keeps them for the life of the process (torch 2.13; its float32 path keeps none), so memory
+    grows with each new length, and a fine-tuning run meets hundreds of lengths. Under a causal mask
+    no real position attends to the padding after it, and the padding's output (discarded) gets no
+    gradient, so the real positions' outputs and gradients are those of the example alone.
     """
 
     @staticmethod

@@ -2,19 +2,19 @@
 
 Gemma's norm computes in float32 whatever the model's dtype: `x.float() * rsqrt(mean(x^2) + eps) *
 (1 + w)`. Autograd keeps float32 intermediates for it: on a bfloat16 Gemma 3 270M, one float32 copy
-of each norm's input (six norms per layer, four of them over the hidden size) was 270 of the
-670 KiB a training token keeps for backward, frozen weights aside (bench/RESULTS.md). Here forward
-computes the same values in the same order, and backward needs only the normalised input n and the
-per-row 1 / rms (four bytes a row):
+of each norm's input (six norms per layer, four of them over the hidden size), a large share of what
+a training token keeps for backward, frozen weights aside. Here forward computes the same values in
+the same order, and backward needs only the normalised input n and the per-row 1 / rms (four bytes
+a row):
 
     n = x / rms;   dL/dx = (g' - n * mean(g' * n)) / rms,   g' = dL/dy * (1 + w)
 
 n comes from the output y, which the function keeps rather than its input: n = y / (1 + w). The
 norms before the attention and the MLP hand y to LoRA layers that keep it anyway, so those two keep
-nothing of their own (44 of the 294 KiB a token of a bfloat16 step kept); elsewhere output and
-input take the same bytes. The division gives n to within the rounding of y to the model's dtype
-(one part in 256 at most in bfloat16, as the products of the next layer see it). Where 1 + w = 0
-(the packaged Gemma 3 270M has such weights) y says nothing of x: the input's columns there are kept.
+nothing of their own; elsewhere output and input take the same bytes. The division gives n to
+within the rounding of y to the model's dtype (one part in 256 at most in bfloat16, as the products
+of the next layer see it). Where 1 + w = 0 (the packaged Gemma 3 270M has such weights) y says
+nothing of x: the input's columns there are kept.
 
 The norms' weights are frozen under LoRA; a weight that does require grad gets its gradient too.
 """
