@@ -2,6 +2,6 @@
 
 records reads the run into RunRecords; summary computes every figure from them, with stats
 (answers; shared with evaluation), curves (training), hard_examples (outliers), cost,
-recommendations and definitions; plots and pages (the Jinja templates) draw the
+recommendations and definitions; plots and pages (templates laid out by sections) draw the
 figures; render writes it all; compare tabulates several runs.
 """
