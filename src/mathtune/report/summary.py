@@ -7,19 +7,21 @@ the records do not support is None, with a sentence in `missing`.
 
 from __future__ import annotations
 
+from mathtune import synthetic
 from mathtune.report.cost import cost, throughput
 from mathtune.report.curves import (
     detect_overfitting, early_stopping, final_phase, generalisation_gap, latest_per_step, loss_decrease_pct,
     loss_vs_exact_match, series,
 )
 from mathtune.report.definitions import definitions
-from mathtune.report.hard_examples import OUTLIER_Z, last_evaluation_losses, outlier_loss_cutoff, robust_outliers, tag_clusters
+from mathtune.report.hard_examples import (
+    OUTLIER_Z, last_evaluation_losses, outlier_loss_cutoff, robust_outliers, tag_clusters,
+)
 from mathtune.report.recommendations import recommendations
 from mathtune.report.records import RunRecords, data_location
 from mathtune.report.stats import (
     NotComputable, accuracy, accuracy_by_steps, arithmetic_slip_share, mcnemar_exact_p, paired_table, regressions,
 )
-from mathtune import synthetic
 
 
 def build_summary(records: RunRecords) -> dict:
