@@ -7,11 +7,10 @@ from collections import Counter
 import pytest
 
 from mathtune import synthetic
-from mathtune.answers import check_arithmetic, count_reasoning_steps, gold_answer
+from mathtune.answers import ANNOTATION_RE as ANNOTATION, check_arithmetic, count_reasoning_steps, gold_answer
 from mathtune.data import check_record
 
 SEEDS = (0, 1, 7, 1234, 99991)
-ANNOTATION = re.compile(r"<<([^<>=]*)=([^<>=]*)>>")
 
 
 @pytest.fixture(scope="module")
@@ -147,3 +146,10 @@ def test_unsatisfiable_constraints_raise(monkeypatch):
     _fake_template(monkeypatch, "never", never)
     with pytest.raises(RuntimeError, match="never"):
         synthetic.generate(1, 0)
+
+
+def test_parse_id_reads_seed_and_index_of_generated_ids():
+    assert [synthetic.parse_id(p["id"]) for p in synthetic.generate(3, 77)] == [(77, 0), (77, 1), (77, 2)]
+    assert synthetic.parse_id("synthetic-2234") == (2234, None)  # a generated split's name
+    for other in ("train-3", "test-12", "synthetic-", "synthetic-1-2-3", "synthetic-x-1", "xsynthetic-1-2"):
+        assert synthetic.parse_id(other) is None

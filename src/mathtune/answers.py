@@ -201,7 +201,7 @@ def safe_eval(expression: str) -> Decimal:
 # Plain statements are found conservatively: a false slip (blaming the model for our
 # misreading of '8 x 1 1/2 = 12' or '3x-5=16') is worse than a statement left unchecked.
 
-_ANNOTATION_RE = re.compile(r"<<([^<>=]*)=([^<>=]*)>>")  # GSM8K calculator annotation
+ANNOTATION_RE = re.compile(r"<<([^<>=]*)=([^<>=]*)>>")  # GSM8K calculator annotation <<expression=result>>
 _CLAIM_RE = re.compile(
     r"\s*\$?\s*(-?(?:[0-9][0-9,]*(?:\.[0-9]+)?|\.[0-9]+))"
     r"(?![0-9,]|\.[0-9])"  # the whole number: no backtracking into '123%'
@@ -269,7 +269,7 @@ def check_arithmetic(text: str) -> list[dict]:
     """
     found: list[tuple[int, dict | None]] = []
     annotated: set[int] = set()  # positions of the '=' inside annotations
-    for m in _ANNOTATION_RE.finditer(text):
+    for m in ANNOTATION_RE.finditer(text):
         annotated.add(m.start(2) - 1)
         found.append((m.start(), _check(m.group(1), m.group(2))))
     for eq in (i for i, c in enumerate(text) if c == "="):

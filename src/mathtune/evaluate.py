@@ -18,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import DynamicCache
 
-from mathtune.report.analysis import NotComputable, accuracy, accuracy_by_steps, arithmetic_slip_share
+from mathtune.report.stats import NotComputable, accuracy, accuracy_by_steps, arithmetic_slip_share
 from mathtune.answers import (
     check_arithmetic, count_reasoning_steps, extract_answer, gold_answer, has_arithmetic_slip, is_correct,
 )

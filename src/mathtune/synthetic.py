@@ -15,9 +15,9 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Callable, NoReturn
 
-from mathtune.answers import safe_eval
+from mathtune.answers import ANNOTATION_RE, safe_eval
 
-__all__ = ["TEMPLATES", "Template", "generate"]
+__all__ = ["TEMPLATES", "Template", "generate", "parse_id"]
 
 
 @dataclass(frozen=True)
@@ -843,9 +843,6 @@ def school_trip(rng):
 
 # --- generating and checking ----------------------------------------------------------------------
 
-_ANNOTATION = re.compile(r"<<([^<>=]*)=([^<>=]*)>>")
-
-
 def _sample(template: Template, rng: random.Random, attempts: int = 1000) -> tuple[str, _Solution]:
     for _ in range(attempts):
         try:
@@ -870,7 +867,7 @@ def _check(problem: dict, template: Template) -> None:
     if len(lines) != template.steps:
         fail(f"{len(lines)} solution lines, template declares {template.steps}")
     for line in lines:
-        notes = _ANNOTATION.findall(line)
+        notes = ANNOTATION_RE.findall(line)
         if len(notes) != 1:
             fail(f"{len(notes)} annotations in one line")
         expression, result = notes[0]
@@ -880,6 +877,21 @@ def _check(problem: dict, template: Template) -> None:
             fail(f"{expression} is {safe_eval(expression)}, not {result}")
     if result != final.group(1):
         fail("'#### N' differs from the last annotation's result")
+
+
+_ID_RE = re.compile(r"synthetic-(\d+)(?:-(\d+))?")
+
+
+def parse_id(name: str) -> tuple[int, int | None] | None:
+    """(seed, index) of a generated problem's id, synthetic-<seed>-<index>; None for any other name.
+
+    The name of a generated split, synthetic-<seed> (scores.json's split of a robustness
+    evaluation), gives (seed, None).
+    """
+    match = _ID_RE.fullmatch(name)
+    if match is None:
+        return None
+    return int(match.group(1)), None if match.group(2) is None else int(match.group(2))
 
 
 def generate(n: int, seed: int) -> list[dict]:

@@ -6,8 +6,9 @@ import shutil
 import pytest
 
 from mathtune import synthetic
-from mathtune.report import analysis
-from mathtune.report import render as report
+from mathtune.report.pages import render
+from mathtune.report.records import load_run, source_problems
+from mathtune.report.summary import build_summary
 from mathtune.cli import main
 from mathtune.runfiles import read_jsonl
 
@@ -44,16 +45,17 @@ def test_eval_robustness_uses_a_fresh_seed_never_trained_on(run_dir):
     train_questions = {p["question"] for p in synthetic.generate(60, 1234)}
     assert not any(p["id"] in trained or p["question"] in train_questions for p in preds)
     # The report finds the question text of the fresh seed's ids.
-    assert report.source_problems(data, {p["id"] for p in preds}).keys() == {p["id"] for p in preds}
+    assert source_problems(data, {p["id"] for p in preds}).keys() == {p["id"] for p in preds}
 
 
 def test_without_a_robustness_evaluation_the_summary_says_it_is_missing(run_dir):
-    inputs, _ = report.load_run(run_dir)
-    inputs["robustness_preds"] = inputs["robustness_scores"] = None
-    summary = analysis.build_summary(**inputs)
+    records, _ = load_run(run_dir)
+    for name in ("robustness-base", "robustness-tuned"):
+        records.predictions[name] = records.scores[name] = None
+    summary = build_summary(records)
     assert summary["robustness"]["tuned"]["total"] is None and summary["robustness"]["gap_points"] is None
     assert any("No robustness evaluation" in m for m in summary["missing"])
-    assert "No robustness evaluation" in report.render("report.html.j2", summary, {}, "x")
+    assert "No robustness evaluation" in render("html", summary, {}, "x")
 
 
 def test_robustness_size_is_validated(capsys):

@@ -1,0 +1,104 @@
+"""report/render.py: write_report on run directories built by hand in tmp_path, following docs/run-directory.md."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from conftest import REQUIRED_SUMMARY_KEYS, summary_lookup
+from handmade import make_run, run_metrics, write_jsonl
+from mathtune.report.plots import PLOT_NAMES
+from mathtune.report.render import write_report
+
+
+def test_full_report_writes_every_output(tmp_path):
+    run = make_run(tmp_path)
+    summary = write_report(run)
+    on_disk = json.loads((run / "summary.json").read_text())
+    for key in REQUIRED_SUMMARY_KEYS:
+        summary_lookup(on_disk, key)
+    for key in ("base", "tuned"):
+        assert set(on_disk["accuracy"][key]) == {"correct", "total", "value", "ci95"}
+    assert on_disk == json.loads(json.dumps(summary))
+    assert on_disk["accuracy"]["base"]["correct"] == 5 and on_disk["accuracy"]["tuned"]["correct"] == 11
+    assert on_disk["outliers"][0]["id"] == "train-3"
+    for name in PLOT_NAMES:
+        assert (run / "plots" / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+    html = (run / "report.html").read_text()
+    head = html.split("<h2>", 1)[0]
+    assert "gemma-3-270m" in head and "synthetic problems (not GSM8K)" in head
+    assert "25.0%" in head and "55.0%" in head and "McNemar p" in head
+    assert "plots/" in (run / "report.md").read_text()
+    assert not list(run.rglob("*.partial"))
+
+
+def test_html_escapes_untrusted_text(tmp_path):
+    run = make_run(tmp_path)
+    write_report(run)
+    html = (run / "report.html").read_text()
+    assert "<script" not in html.lower() and "<b>bold" not in html and "<i>3" not in html
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html and "&lt;b&gt;bold&lt;/b&gt;" in html
+    # The question appears escaped in both the outlier table and the regressions table.
+    assert html.count("&lt;script&gt;alert(1)&lt;/script&gt;") >= 2
+    markdown = (run / "report.md").read_text()
+    assert "<script>" not in markdown and "&lt;script&gt;" in markdown and "\\|" in markdown
+
+
+def test_html_is_self_contained(tmp_path):
+    run = make_run(tmp_path)
+    write_report(run)
+    html = (run / "report.html").read_text()
+    sources = re.findall(r'(?:src|href)="([^"]*)"', html)
+    assert sources and all(s.startswith(("data:image/png;base64,", "#")) for s in sources)
+    assert "<link" not in html and "@import" not in html and "url(" not in html
+
+
+def test_report_with_only_metrics_lists_what_is_missing(tmp_path):
+    run = tmp_path / "run"
+    write_jsonl(run / "metrics.jsonl", run_metrics())
+    summary = write_report(run)
+    assert summary["accuracy"]["base"]["value"] is None and summary["accuracy"]["mcnemar_p"] is None
+    assert summary["train_loss"]["decrease_pct"] is not None
+    missing = " ".join(summary["missing"])
+    for fragment in ("No base-model evaluation", "No tuned-model evaluation", "train_result.json is missing",
+                     "example_losses.jsonl is missing", "data.json is missing"):
+        assert fragment in missing
+    html = (run / "report.html").read_text()
+    assert "No base-model evaluation" in html and "this report covers training only" in html
+    assert {p.stem for p in (run / "plots").glob("*.png")} == {"loss", "token_accuracy", "learning_rate", "exact_match"}
+
+
+def test_empty_run_dir_does_not_fail(tmp_path):
+    run = tmp_path / "empty"
+    run.mkdir()
+    summary = write_report(run)
+    assert summary["train_loss"]["first"] is None and summary["missing"]
+    assert (run / "report.html").exists() and (run / "report.md").exists()
+
+
+def test_torn_last_line_is_skipped_with_a_warning(tmp_path, capsys):
+    run = tmp_path / "run"
+    write_jsonl(run / "metrics.jsonl", run_metrics(), torn_tail='{"kind": "train", "step": 41')
+    summary = write_report(run)
+    assert summary["train_loss"]["last_step"] == 400
+    assert "torn last line" in capsys.readouterr().err
+
+
+def test_bad_line_in_the_middle_raises(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"kind": "train", "step": 1}\nnot json\n{"kind": "train", "step": 2}\n')
+    with pytest.raises(ValueError, match="metrics.jsonl:2"):
+        write_report(run)
+
+
+def test_stale_plots_are_removed(tmp_path):
+    run = make_run(tmp_path)
+    write_report(run)
+    for name in ("base", "tuned"):
+        for path in (run / "eval" / name).iterdir():
+            path.unlink()
+    write_report(run)
+    assert not (run / "plots" / "accuracy.png").exists() and (run / "plots" / "loss.png").exists()

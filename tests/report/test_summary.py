@@ -1,0 +1,117 @@
+"""report/summary.py: build_summary on hand-made records, complete and partial."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from conftest import REQUIRED_SUMMARY_KEYS, summary_lookup
+from handmade import falling_curve, logged_metrics, pred
+from mathtune.report.cost import PRICES_USD_PER_HOUR
+from mathtune.report.records import RunRecords
+from mathtune.report.summary import build_summary
+
+
+def _summary(**records):
+    """The summary of a run holding only `records` (RunRecords' fields); every other file is absent."""
+    return build_summary(RunRecords(**records))
+
+
+def test_summary_has_required_keys_and_computes_figures():
+    steps, losses = falling_curve()
+    base = [pred(i, i < 10) for i in range(50)]
+    tuned = [pred(i, i < 25) for i in range(50)]
+    summary = _summary(
+        config={"model": {"name": "gemma-3-270m"}, "train": {"learning_rate": 2e-4, "early_stopping_patience": 5},
+                "lora": {"r": 8}, "cost": {"hardware": None, "price_per_hour": None}},
+        metrics=logged_metrics(steps, losses),
+        train_result={"early_stopping_triggered": False, "best_step": 1000, "best_metric": 0.6,
+                      "total_steps_planned": 1000, "steps_done": 1000, "hardware": "NVIDIA H100 80GB HBM3"},
+        predictions={"base": base, "tuned": tuned}, data_info={"source": "synthetic"},
+    )
+    for key in REQUIRED_SUMMARY_KEYS:
+        summary_lookup(summary, key)
+    assert summary["model"] == "gemma-3-270m" and summary["data"]["synthetic"]
+    assert summary["train_loss"]["first"] == losses[0] and summary["train_loss"]["last"] == losses[-1]
+    assert summary["steps_per_epoch"] == pytest.approx(500)
+    assert summary["final_phase"]["still_improving"]
+    assert [p["step"] for p in summary["final_phase"]["forecast"]["points"]] == [1500, 2000]
+    assert summary["accuracy"]["base"]["value"] == 0.2 and summary["accuracy"]["tuned"]["value"] == 0.5
+    assert summary["accuracy"]["paired"]["only_tuned"] == 15
+    assert summary["accuracy"]["mcnemar_p"] == pytest.approx(stats.binomtest(0, 15).pvalue)
+    assert summary["accuracy"]["gain_points"] == pytest.approx(30)
+    assert summary["cost"]["hours"] == pytest.approx(1.0)
+    assert summary["cost"]["usd"] == pytest.approx(PRICES_USD_PER_HOUR["H100"])
+    assert summary["cost"]["usd_per_point"] == pytest.approx(PRICES_USD_PER_HOUR["H100"] / 30)
+    assert summary["cost"]["tokens"] == 1_000_000 and summary["cost"]["tokens_per_s"] == pytest.approx(1000 / 3.6)
+    assert summary["early_stopping"]["kept_checkpoint"] == "checkpoint-1000"
+    assert any("more epochs" in r["text"] for r in summary["recommendations"])
+    assert all(r["evidence"] for r in summary["recommendations"])
+    for key in ["train_loss.decrease_pct", "final_phase.loss_decrease_pct", "accuracy.mcnemar_p", "cost.usd"]:
+        assert summary["definitions"][key]
+
+
+def test_summary_with_a_single_evaluation_says_so():
+    steps, losses = falling_curve(n=10)
+    summary = _summary(metrics=logged_metrics(steps, losses, eval_every=100))
+    assert summary["val_loss"]["n_evals"] == 1 and summary["val_loss"]["decrease_pct"] is None
+    assert summary["val_loss"]["first"] == summary["val_loss"]["last"]
+    assert any("Only one evaluation" in m for m in summary["missing"])
+
+
+def test_summary_without_base_predictions():
+    tuned = [pred(i, i < 20) for i in range(40)]
+    summary = _summary(predictions={"tuned": tuned},
+                       scores={"tuned": {"model": "m", "elapsed_s": 36.0, "hardware": "cpu"}})
+    assert summary["accuracy"]["base"] == {"correct": None, "total": None, "value": None, "ci95": None}
+    assert summary["accuracy"]["tuned"]["value"] == 0.5
+    assert summary["accuracy"]["mcnemar_p"] is None and summary["accuracy"]["gain_points"] is None
+    assert any("No base-model evaluation" in m for m in summary["missing"])
+    assert summary["cost"]["usd"] == pytest.approx(0.01 * PRICES_USD_PER_HOUR["CPU"])
+
+
+def test_summary_of_nothing_does_not_raise_and_lists_what_is_missing():
+    summary = _summary()
+    for key in REQUIRED_SUMMARY_KEYS:
+        summary_lookup(summary, key)
+    assert summary["train_loss"]["first"] is None and summary["cost"]["usd"] is None
+    text = " ".join(summary["missing"])
+    for fragment in ["no training losses", "no evaluations", "train_result.json is missing", "example_losses",
+                     "No base-model evaluation", "No tuned-model evaluation", "data.json is missing"]:
+        assert fragment in text
+
+
+def test_summary_overfitting_and_outliers_lead_to_recommendations():
+    train_steps = list(range(10, 610, 10))
+    train_losses = [1.5 - 0.002 * s for s in train_steps]
+    eval_losses = [1.0, 0.9, 0.85, 0.87, 0.9, 0.95]
+    losses = [{"step": 600, "id": f"train-{i}", "loss": float(v), "token_accuracy": 0.7, "n_tokens": 80}
+              for i, v in enumerate(np.linspace(0.9, 1.1, 40))]
+    questions = {f"train-{i}": "Tom has 3 apples." for i in range(40)}
+    for i in (1, 2, 3):
+        losses[i]["loss"] = 3.0 + i / 10
+        questions[f"train-{i}"] = f"A shop raised prices by {10 * i}% this year."
+    stale = [{"step": 300, "id": "train-0", "loss": 9.0, "token_accuracy": 0.1, "n_tokens": 80}]
+    summary = _summary(metrics=logged_metrics(train_steps, train_losses, eval_losses=eval_losses),
+                       example_losses=stale + losses, questions=questions,
+                       train_result={"early_stopping_triggered": True, "best_step": 300, "best_metric": 0.85,
+                                     "total_steps_planned": 900, "steps_done": 600},
+                       config={"train": {"early_stopping_patience": 3}})
+    assert summary["generalisation"]["overfitting"]["detected"]
+    assert {o["id"] for o in summary["outliers"]} == {"train-1", "train-2", "train-3"}
+    assert summary["outlier_stats"]["step"] == 600
+    texts = " ".join(r["text"] for r in summary["recommendations"])
+    assert "Regularise more" in texts and '"percentage"' in texts
+    assert summary["early_stopping"]["kept_checkpoint"] == "checkpoint-300"
+    assert any("stopped at step 600 of 900 planned by early stopping" in m for m in summary["missing"])
+
+
+def test_summary_drops_non_finite_losses_and_resumed_duplicates():
+    steps, losses = falling_curve(n=20)
+    metrics = logged_metrics(steps, losses)
+    metrics.insert(5, {"kind": "train", "step": steps[-1], "epoch": 0.4, "elapsed_s": 1.0, "loss": 99.0})  # re-logged later
+    metrics.append({"kind": "train", "step": 210, "epoch": 0.42, "elapsed_s": 800.0, "loss": float("nan")})
+    summary = _summary(metrics=metrics)
+    assert summary["train_loss"]["last"] == losses[-1]
+    assert any("not finite" in n for n in summary["notes"])
