@@ -50,8 +50,9 @@ from pathlib import Path
 import torch
 
 from mathtune.data import format_completion, format_prompt, read_problems, seeded_subset, tokenize_example
-from mathtune.models import (PACKAGED_GEMMA, load_model, load_tokenizer, resolve_dtype, resolve_model_path,
-                             save_model_dir)
+from mathtune.hardware import resolve_dtype
+from mathtune.model_cache import save_model_dir
+from mathtune.models import PACKAGED_GEMMA, load_model, load_tokenizer, resolve_model_path
 
 DATA = Path(os.environ.get("MATHTUNE_DATA") or Path(__file__).resolve().parents[1].parent / "shared/data/gsm8k")
 SEED = 42
@@ -291,7 +292,7 @@ def main() -> None:
         raise SystemExit(f"mathtune kept {len(kept)} training problems, not {args.problems}")
     (work / "kept.json").write_text(json.dumps(kept))
     slow = run_child(args, "trl", "kept.json")
-    # On CUDA, mathtune turns cuDNN's attention off (mathtune.models.prefer_shape_agnostic_attention);
+    # On CUDA, mathtune turns cuDNN's attention off (mathtune.speedups.memory.prefer_shape_agnostic_attention);
     # (a) as documented keeps it, so this row shows what that choice alone gives TRL.
     no_cudnn = run_child(args, "trl-no-cudnn", "kept.json") if device == "cuda" else None
     half = run_child(args, "mathtune", "half.json", "--name", "mathtune-half")

@@ -25,7 +25,9 @@ from mathtune import data as data_module
 from mathtune import evaluate as evaluation
 from mathtune import speedups
 from mathtune.config import Config
-from mathtune.models import float32_original, hardware_name, load_model, load_tokenizer, resolve_dtype
+from mathtune.hardware import hardware_name, resolve_dtype
+from mathtune.model_cache import float32_original
+from mathtune.models import load_model, load_tokenizer
 from mathtune.speedups.memory import release_free_heap
 from mathtune.runfiles import append_jsonl, read_json, read_jsonl, write_json, write_text
 
