@@ -40,7 +40,7 @@ def config_from_args(args: argparse.Namespace):
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from mathtune.training.recipe import train
+    from mathtune.training import train
 
     if args.resume:
         config = load_config(Path(args.resume) / "config.yaml", args.overrides)

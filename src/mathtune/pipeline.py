@@ -79,7 +79,7 @@ def resolve_eval_target(model: str, config: Config) -> tuple[str, Path | None, P
 def run(config: Config, overwrite: bool = False) -> dict:
     """Base evaluation, training, tuned evaluation and the report, in one run directory."""
     from mathtune.report.render import write_report
-    from mathtune.training.recipe import RunDirError, prepare_run_dir, train
+    from mathtune.training import RunDirError, prepare_run_dir, train
 
     run_dir = config.run_dir
     existing = (run_dir / "config.yaml").exists()
