@@ -7,7 +7,7 @@ of optimizer steps, each in its own process:
 (a) TRL: SFTTrainer + PEFT LoraConfig on a prompt/completion dataset, TRL's defaults kept (padded
     batches, gradient checkpointing, TRL's LM head over every position on a CPU, max_length 1024),
     except the dtype: both sides take what mathtune's `dtype: auto` picks for the machine (TRL's
-    default bf16 runs matrix products at about 0.5 GFLOP/s on a CPU without AVX-512 BF16).
+    default bf16 is emulated, and slow, on a CPU without AVX-512 BF16).
 (b) `mathtune train` (mathtune.cli.main), with its defaults.
 
 Then another process scores both adapters the same way: the mean token loss on the training problems,
@@ -50,8 +50,9 @@ from pathlib import Path
 import torch
 
 from mathtune.data import format_completion, format_prompt, read_problems, seeded_subset, tokenize_example
-from mathtune.models import (PACKAGED_GEMMA, load_model, load_tokenizer, resolve_dtype, resolve_model_path,
-                             save_model_dir)
+from mathtune.hardware import resolve_dtype
+from mathtune.model_cache import save_model_dir
+from mathtune.models import PACKAGED_GEMMA, load_model, load_tokenizer, resolve_model_path
 
 DATA = Path(os.environ.get("MATHTUNE_DATA") or Path(__file__).resolve().parents[1].parent / "shared/data/gsm8k")
 SEED = 42
@@ -246,7 +247,7 @@ def token_counts(tokenizer, problems: list[dict]) -> tuple[int, int]:
             sum(sum(label != -100 for label in e["labels"][1:]) for e in examples))
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default=PACKAGED_GEMMA)
     parser.add_argument("--random-shape", choices=["gemma-2b"], help="a randomly initialised model of this shape")
@@ -263,7 +264,22 @@ def main() -> None:
     parser.add_argument("--result", help=argparse.SUPPRESS)
     parser.add_argument("--name", help=argparse.SUPPRESS)
     parser.add_argument("--adapters", nargs="*", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def write_problem_files(n_problems: int, work: Path) -> dict[str, int]:
+    """full.json and half.json: what mathtune is given, the problems plus the share it holds out, so that
+    (a) can then train on exactly the problems mathtune kept; returns each file's training problem count."""
+    pool = seeded_subset(read_problems(DATA / "train.jsonl", "train")[0], 4 * n_problems, SEED)
+    sizes = {"full": n_problems, "half": n_problems // 2}
+    for label, n in sizes.items():
+        given = next(g for g in range(n, len(pool)) if g - math.ceil(VALIDATION_FRACTION * g) == n)
+        (work / f"{label}.json").write_text(json.dumps(pool[:given]))
+    return sizes
+
+
+def main() -> None:
+    args = parse_args()
     if args.side:
         return child(args)
 
@@ -278,12 +294,7 @@ def main() -> None:
     if args.random_shape:
         args.model = random_model_dir(args.random_shape, args.tokenizer or resolve_model_path(PACKAGED_GEMMA), work)
 
-    # mathtune is given the problems plus the share it holds out; (a) then trains on exactly the problems it kept.
-    pool = seeded_subset(read_problems(DATA / "train.jsonl", "train")[0], 4 * args.problems, SEED)
-    sizes = {"full": args.problems, "half": args.problems // 2}
-    for label, n in sizes.items():
-        given = next(g for g in range(n, len(pool)) if g - math.ceil(VALIDATION_FRACTION * g) == n)
-        (work / f"{label}.json").write_text(json.dumps(pool[:given]))
+    sizes = write_problem_files(args.problems, work)
     fast = run_child(args, "mathtune", "full.json", "--name", "mathtune-full")
     given = json.loads((work / "full.json").read_text())  # mathtune's ids count the lines of the file it read
     kept = [given[int(i.rsplit("-", 1)[1])] for i in fast["train_ids"]]
@@ -291,12 +302,17 @@ def main() -> None:
         raise SystemExit(f"mathtune kept {len(kept)} training problems, not {args.problems}")
     (work / "kept.json").write_text(json.dumps(kept))
     slow = run_child(args, "trl", "kept.json")
-    # On CUDA, mathtune turns cuDNN's attention off (mathtune.models.prefer_shape_agnostic_attention);
+    # On CUDA, mathtune turns cuDNN's attention off (mathtune.speedups.memory.prefer_shape_agnostic_attention);
     # (a) as documented keeps it, so this row shows what that choice alone gives TRL.
     no_cudnn = run_child(args, "trl-no-cudnn", "kept.json") if device == "cuda" else None
     half = run_child(args, "mathtune", "half.json", "--name", "mathtune-half")
     scored = run_child(args, "score", "kept.json", "--adapters", slow["adapter"], fast["adapter"])
+    print_comparison(args, peak, kept, sizes, slow, fast, no_cudnn, half, scored)
 
+
+def print_comparison(args, peak: float, kept: list[dict], sizes: dict, slow: dict, fast: dict,
+                     no_cudnn: dict | None, half: dict, scored: dict) -> None:
+    """Speed, MFU, memory and final loss of each side, the cost growth of (b), and the closing line."""
     tokenizer = load_tokenizer(args.model)
     tokens, loss_tokens = token_counts(tokenizer, kept)
     tokens, loss_tokens = tokens * args.epochs, loss_tokens * args.epochs

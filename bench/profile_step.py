@@ -29,7 +29,9 @@ import torch
 from mathtune import speedups
 from mathtune.config import LoraConfig
 from mathtune.data import read_problems, seeded_subset, tokenize_example
-from mathtune.models import PACKAGED_GEMMA, float32_original, load_model, load_tokenizer, resolve_dtype, resolve_model_path
+from mathtune.hardware import resolve_dtype
+from mathtune.model_cache import float32_original
+from mathtune.models import PACKAGED_GEMMA, load_model, load_tokenizer, resolve_model_path
 from mathtune.speedups.lm_loss import head_weight, loss_positions_head
 from mathtune.speedups.packed_attention import NAME as PACKED_ATTENTION, use_packed_attention
 

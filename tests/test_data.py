@@ -88,3 +88,23 @@ def test_fewshot_prompt_uses_the_same_template():
     shots = [{"question": "A?", "answer": "#### 1"}, {"question": "B?", "answer": "#### 2"}]
     prompt = data.fewshot_prompt("C?", shots)
     assert prompt == "Question: A?\nAnswer: #### 1\n\nQuestion: B?\nAnswer: #### 2\n\nQuestion: C?\nAnswer:"
+
+
+def test_the_run_split_is_a_seeded_subset_of_the_training_file_split_in_two():
+    problems = [{"id": f"train-{i}", "question": f"Q{i}?", "answer": f"#### {i}"} for i in range(50)]
+    dataset = data.Dataset("synthetic", "here", problems, [])
+    config = DataConfig(train_limit=20, validation_fraction=0.25, seed=7)
+    train, validation = data.run_split(config, dataset)
+    pool = data.seeded_subset(problems, 20, 7)
+    assert (train, validation) == data.split_train_validation(pool, 0.25, 7)
+    assert (len(train), len(validation)) == (15, 5)
+    assert data.run_split(config, dataset) == (train, validation)
+
+
+def test_the_data_line_names_the_source_and_says_when_it_is_not_gsm8k():
+    local = data.Dataset("gsm8k-local", "/data/gsm8k", [], [])
+    assert data.describe(local) == "Data: GSM8K from local files (/data/gsm8k)"
+    generated = data.Dataset("synthetic", "mathtune.synthetic seeds 1/2", [], [])
+    assert "NOT GSM8K" in data.describe(generated)
+    assert data.describe(local, [{}] * 3, [{}]) == (
+        "Data: GSM8K from local files (/data/gsm8k); 3 training and 1 validation problems.")

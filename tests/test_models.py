@@ -28,7 +28,7 @@ def _small_gemma_tokenizer(cls=None):
 def test_construction_copies_go_and_the_tokenizer_encodes_and_saves_as_before(tmp_path):
     from transformers import AutoTokenizer
 
-    from mathtune.models import drop_construction_copies
+    from mathtune.tokenizer_memory import drop_construction_copies
 
     tokenizer = _small_gemma_tokenizer()
     before = tokenizer("48 clips")["input_ids"]
@@ -43,7 +43,7 @@ def test_construction_copies_go_and_the_tokenizer_encodes_and_saves_as_before(tm
 def test_a_tokenizer_whose_methods_read_its_vocabulary_keeps_it():
     from transformers import GemmaTokenizer
 
-    from mathtune.models import drop_construction_copies
+    from mathtune.tokenizer_memory import drop_construction_copies
 
     class ReadsMerges(GemmaTokenizer):
         def merge_count(self):
@@ -57,16 +57,16 @@ def test_a_tokenizer_whose_methods_read_its_vocabulary_keeps_it():
 def test_the_packaged_model_is_copied_once_into_a_16_bit_dtype(tmp_path, monkeypatch):
     from safetensors import safe_open
 
-    from mathtune import models
+    from mathtune import model_cache, models
 
-    source = models.tiny_random_dir()  # stands in for the float32 conversion of the packaged GGUF
-    float32_dir = models.packaged_gemma_dir
+    source = model_cache.tiny_random_dir()  # stands in for the float32 conversion of the packaged GGUF
+    float32_dir = model_cache.packaged_gemma_dir
 
     def packaged(dtype=torch.float32):
         return source if dtype == torch.float32 else float32_dir(dtype)
 
-    monkeypatch.setattr(models, "CACHE_DIR", tmp_path)
-    monkeypatch.setattr(models, "packaged_gemma_dir", packaged)
+    monkeypatch.setattr(model_cache, "CACHE_DIR", tmp_path)
+    monkeypatch.setattr(model_cache, "packaged_gemma_dir", packaged)
     path = Path(models.resolve_model_path(models.PACKAGED_GEMMA, torch.bfloat16))
     assert path == tmp_path / "gemma-3-270m-hf-bfloat16" and (path / "tokenizer.json").exists()
     with safe_open(path / "model.safetensors", "pt") as copy, safe_open(source / "model.safetensors", "pt") as original:
@@ -83,7 +83,7 @@ def test_the_packaged_model_is_copied_once_into_a_16_bit_dtype(tmp_path, monkeyp
 def test_a_model_directory_appears_whole_and_the_first_copy_stands(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from mathtune.models import save_model_dir, tiny_random_dir
+    from mathtune.model_cache import save_model_dir, tiny_random_dir
 
     source = tiny_random_dir()
     model, tokenizer = AutoModelForCausalLM.from_pretrained(source), AutoTokenizer.from_pretrained(source)

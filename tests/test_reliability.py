@@ -31,11 +31,12 @@ from safetensors.torch import load_file
 
 from conftest import write_jsonl
 from mathtune import data, evaluate, runfiles
-from mathtune.training import recipe as train_module
 from mathtune.cli import main
 from mathtune.config import load_config
 from mathtune.runfiles import read_jsonl
-from mathtune.training.recipe import last_checkpoint, save_adapter, train
+from mathtune.training import recipe, rundir, train
+from mathtune.training.rundir import last_checkpoint, save_adapter
+from mathtune.training.trainer import MathTuneTrainer
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
@@ -275,7 +276,7 @@ def test_a_full_disk_is_a_clear_error_and_the_run_continues_after(tmp_path, gsm8
     def disk_full(path, record):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(train_module, "append_jsonl", disk_full)
+    monkeypatch.setattr(rundir, "append_jsonl", disk_full)
     assert main(tiny_args(tmp_path, gsm8k_dir, "--set", "train.max_steps=2", "--set", "train.eval_steps=2")) == 2
     err = capsys.readouterr().err
     assert "disk is full" in err and "Free some space" in err and "--resume" in err
@@ -294,16 +295,12 @@ def test_a_full_disk_is_a_clear_error_and_the_run_continues_after(tmp_path, gsm8
 def test_a_diverging_loss_stops_the_run_naming_the_step_and_the_last_good_checkpoint(
     tmp_path, gsm8k_dir, monkeypatch, capsys, factor, extra, problem
 ):
-    make_trainer_class = train_module.make_trainer_class
+    class BlowsUpAtStep4(MathTuneTrainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            return loss * factor if model.training and self.state.global_step >= 3 else loss
 
-    def blowing_up_trainer_class():
-        class BlowsUpAtStep4(make_trainer_class()):
-            def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-                loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-                return loss * factor if model.training and self.state.global_step >= 3 else loss
-        return BlowsUpAtStep4
-
-    monkeypatch.setattr(train_module, "make_trainer_class", blowing_up_trainer_class)
+    monkeypatch.setattr(recipe, "MathTuneTrainer", BlowsUpAtStep4)
     code = main(tiny_args(tmp_path, gsm8k_dir, "--set", "train.max_steps=6", "--set", "train.eval_steps=2",
                           "--set", "train.logging_steps=1", *extra))
     assert code == 2

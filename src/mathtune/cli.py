@@ -40,7 +40,7 @@ def config_from_args(args: argparse.Namespace):
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from mathtune.training.recipe import train
+    from mathtune.training import train
 
     if args.resume:
         config = load_config(Path(args.resume) / "config.yaml", args.overrides)
@@ -51,7 +51,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> None:
     from mathtune import data as data_module
-    from mathtune.pipeline import announce_data, resolve_eval_target, run_evaluation
+    from mathtune.pipeline import resolve_eval_target, run_evaluation
 
     config = config_from_args(args)
     base, adapter, default_out = resolve_eval_target(args.model, config)
@@ -66,7 +66,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     config.eval.check()
     shots = 0 if adapter else (config.eval.shots if args.shots is None else args.shots)
     dataset = data_module.load_dataset(config.data)
-    announce_data(dataset)
+    print(data_module.describe(dataset), flush=True)
     out = Path(args.out) if args.out else default_out
     if args.robustness is not None and not args.out:
         out = out.with_name("robustness-tuned" if adapter else out.name + "-robustness")

@@ -19,6 +19,11 @@ from mathtune.config import DataConfig
 
 ANSWER_LINE = re.compile(r"^####\s*(-?[\d,]*\.?\d+)\s*$")
 HUB_HOST = ("huggingface.co", 443)
+SOURCE_BANNER = {
+    "gsm8k-local": "GSM8K from local files",
+    "gsm8k-hub": "GSM8K from the Hugging Face Hub",
+    "synthetic": "generated GSM8K-style problems (mathtune.synthetic), NOT GSM8K",
+}
 
 
 class DataError(ValueError):
@@ -38,6 +43,15 @@ class Dataset:
     @property
     def is_gsm8k(self) -> bool:
         return self.source.startswith("gsm8k")
+
+
+def describe(dataset: Dataset, train: list[dict] | None = None, validation: list[dict] | None = None) -> str:
+    """The line a command prints about its data (saying plainly when it is not GSM8K), with the split's
+    sizes when given."""
+    line = f"Data: {SOURCE_BANNER[dataset.source]} ({dataset.location})"
+    if train is not None and validation is not None:
+        line += f"; {len(train)} training and {len(validation)} validation problems."
+    return line
 
 
 # --- the template -------------------------------------------------------------------------------
@@ -211,6 +225,16 @@ def split_train_validation(problems: list[dict], fraction: float, seed: int) -> 
     validation = sorted(order[:n_validation])
     training = sorted(order[n_validation:])
     return [problems[i] for i in training], [problems[i] for i in validation]
+
+
+def run_split(config: DataConfig, dataset: Dataset) -> tuple[list[dict], list[dict]]:
+    """The run's (training, validation) problems: a seeded subset of the training file, split in two.
+
+    Training and evaluation both call it, so the validation problems a run evaluates on are the
+    ones it held out.
+    """
+    pool = seeded_subset(dataset.train, config.train_limit, config.seed)
+    return split_train_validation(pool, config.validation_fraction, config.seed)
 
 
 def seeded_subset(problems: list[dict], limit: int | None, seed: int) -> list[dict]:

@@ -23,7 +23,7 @@ from mathtune.answers import (
     check_arithmetic, count_reasoning_steps, extract_answer, gold_answer, has_arithmetic_slip, is_correct,
 )
 from mathtune.data import fewshot_prompt, format_prompt, seeded_subset
-from mathtune.models import hardware_name
+from mathtune.hardware import hardware_name
 from mathtune.runfiles import append_jsonl, read_json, read_jsonl, write_json
 
 ANSWER_DONE = re.compile(r"####[^\n]*\d[^\n]*\n")  # a `#### N` line ended by a newline
@@ -64,7 +64,7 @@ def _next_tokens(model, input_ids, attention_mask, position_ids, cache) -> list[
     """Each row's greedy next token, the cache extended by the inputs.
 
     The logits are computed as W @ h.T rather than by the model's head (h @ W.T): with a few rows
-    and Gemma's 262k-row vocabulary this is 2x faster on CPU (W is not repacked). What a model does
+    and Gemma's 262k-row vocabulary this is faster on a CPU, as W is not repacked. What a model does
     to its logits after the head (soft-capping, scaling) is monotone, so it leaves the argmax alone.
     """
     hidden = model.get_decoder()(

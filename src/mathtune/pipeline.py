@@ -19,21 +19,10 @@ from mathtune.models import (
 )
 from mathtune.runfiles import read_json
 
-SOURCE_BANNER = {
-    "gsm8k-local": "GSM8K from local files",
-    "gsm8k-hub": "GSM8K from the Hugging Face Hub",
-    "synthetic": "generated GSM8K-style problems (mathtune.synthetic), NOT GSM8K",
-}
-
-
-def announce_data(dataset: data_module.Dataset) -> None:
-    print(f"Data: {SOURCE_BANNER[dataset.source]} ({dataset.location})", flush=True)
-
 
 def evaluation_problems(config: Config, dataset: data_module.Dataset) -> tuple[list[dict], list[dict]]:
     """(problems to evaluate, training problems for worked examples); the same for every model."""
-    pool = data_module.seeded_subset(dataset.train, config.data.train_limit, config.data.seed)
-    train, validation = data_module.split_train_validation(pool, config.data.validation_fraction, config.data.seed)
+    train, validation = data_module.run_split(config.data, dataset)
     problems = dataset.test if config.eval.split == "test" else validation
     return data_module.seeded_subset(problems, config.eval.limit, config.eval.seed), train
 
@@ -90,7 +79,7 @@ def resolve_eval_target(model: str, config: Config) -> tuple[str, Path | None, P
 def run(config: Config, overwrite: bool = False) -> dict:
     """Base evaluation, training, tuned evaluation and the report, in one run directory."""
     from mathtune.report.render import write_report
-    from mathtune.training.recipe import RunDirError, prepare_run_dir, train
+    from mathtune.training import RunDirError, prepare_run_dir, train
 
     run_dir = config.run_dir
     existing = (run_dir / "config.yaml").exists()
@@ -105,7 +94,7 @@ def run(config: Config, overwrite: bool = False) -> dict:
     # bad data or a model that cannot be found fail before the run directory is touched (or --overwrite empties it)
     dataset = data_module.load_dataset(config.data)
     check_model(config.model.name, config.model.revision)
-    announce_data(dataset)
+    print(data_module.describe(dataset), flush=True)
     prepare_run_dir(run_dir, overwrite=overwrite, resume=existing and not overwrite)
     started = time.time()
 

@@ -12,7 +12,8 @@ from mathtune.speedups.dropout import use_uniform_dropout
 from mathtune.speedups.fused_lora import use_fused_lora
 from mathtune.speedups.gated_mlp import use_gated_mlp
 from mathtune.speedups.lm_loss import LinearCrossEntropy
-from mathtune.models import PACKAGED_DIR_NAME, TINY_RANDOM, float32_original, load_model
+from mathtune.model_cache import PACKAGED_DIR_NAME, float32_original
+from mathtune.models import TINY_RANDOM, load_model
 
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/smaps")
 
@@ -145,7 +146,7 @@ def test_a_bfloat16_copy_of_q8_0_values_is_kept_as_their_int8_blocks(tmp_path, m
 
 def test_a_bfloat16_copy_of_the_packaged_model_finds_its_float32_original(tmp_path, monkeypatch):
     """float32_original maps the float32 copy's tensor for a 16-bit copy under the cache; nothing for other models."""
-    monkeypatch.setattr("mathtune.models.CACHE_DIR", tmp_path)
+    monkeypatch.setattr("mathtune.model_cache.CACHE_DIR", tmp_path)
     model = load_model(TINY_RANDOM, "float32")
     model.save_pretrained(tmp_path / PACKAGED_DIR_NAME)
     model.to(torch.bfloat16).save_pretrained(tmp_path / f"{PACKAGED_DIR_NAME}-bfloat16")

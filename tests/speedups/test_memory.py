@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mathtune.models import cpu_supports_bf16
+from mathtune.hardware import cpu_supports_bf16
 from mathtune.speedups.memory import prefer_shape_agnostic_attention
 
 

@@ -11,7 +11,7 @@ import torch
 
 from mathtune.config import load_config
 from mathtune.runfiles import read_jsonl
-from mathtune.training.recipe import RunDirError, train
+from mathtune.training import RunDirError, train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -186,7 +186,7 @@ def collated_row(lengths):
 
 
 def test_a_packed_row_splits_into_pieces_of_whole_examples_within_the_budget():
-    from mathtune.training.recipe import split_packed_row
+    from mathtune.training.batches import split_packed_row
 
     row = collated_row([3, 5, 2, 4, 9])
     pieces = split_packed_row(row, max_tokens=7)
@@ -204,7 +204,7 @@ def test_a_packed_row_splits_into_pieces_of_whole_examples_within_the_budget():
 
 
 def test_a_batch_that_is_not_one_packed_row_stays_whole():
-    from mathtune.training.recipe import split_packed_row
+    from mathtune.training.batches import split_packed_row
 
     row = collated_row([3, 5])
     assert split_packed_row({**row, "attention_mask": torch.ones(1, 8)}, max_tokens=4)[0]["input_ids"].shape[1] == 8

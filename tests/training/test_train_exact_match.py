@@ -7,11 +7,10 @@ from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 from mathtune import evaluate
-from mathtune.training import recipe as train_module
 from mathtune.config import ConfigError, load_config
 from mathtune.report.render import write_report
 from mathtune.runfiles import read_jsonl
-from mathtune.training.recipe import train
+from mathtune.training import recipe, train
 
 EM_KEYS = {"eval_exact_match_strict", "eval_exact_match_flexible", "eval_exact_match_n", "eval_generate_s"}
 
@@ -37,9 +36,9 @@ def test_exact_match_is_logged_at_every_nth_evaluation_with_the_kv_cache(tmp_pat
         def on_step_begin(self, args, state, control, model=None, **kwargs):
             modes.append(model.training)
 
-    make_callbacks = train_module.make_callbacks
+    make_callbacks = recipe.make_callbacks
     monkeypatch.setattr(evaluate, "_next_tokens", spy)
-    monkeypatch.setattr(train_module, "make_callbacks", lambda *a: make_callbacks(*a) + [TrainingMode()])
+    monkeypatch.setattr(recipe, "make_callbacks", lambda *a: make_callbacks(*a) + [TrainingMode()])
     config = tiny_config(tmp_path, gsm8k_dir, "eval.generate_every=2", "train.gradient_checkpointing=true")
     result = train(config)
 
