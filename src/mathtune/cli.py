@@ -94,7 +94,7 @@ def cmd_report(args: argparse.Namespace) -> None:
 
 
 def cmd_compare(args: argparse.Namespace) -> None:
-    from mathtune.report.render import compare_runs
+    from mathtune.report.compare import compare_runs
 
     print(compare_runs([Path(d) for d in args.run_dirs]))
 

@@ -229,7 +229,7 @@ def evaluate_problems(
 
 
 def summarize(records: list[dict]) -> dict:
-    """The scores.json figures computed from predictions, with analysis's definitions."""
+    """The scores.json figures computed from predictions, with the report's definitions (mathtune.report.definitions)."""
     slips = _unless_not_computable(arithmetic_slip_share, records)
     return {
         "n": len(records),

@@ -23,8 +23,3 @@ def test_compare_runs_one_row_per_run(tmp_path):
     assert "| gemma-3-270m | 0.0002 | 8 | 2 |" in lines[2] and "| 25.0% | 55.0% |" in lines[2]
     assert (second / "summary.json").exists()
 
-
-def test_compare_runs_is_importable_where_the_cli_finds_it():
-    from mathtune.report.render import compare_runs as from_render
-
-    assert from_render is compare_runs

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import re
 from pathlib import Path
 
@@ -17,14 +16,7 @@ from mathtune.report.pages import render
 from mathtune.report.plots import PLOT_NAMES, make_plots
 from mathtune.report.records import load_run
 from mathtune.report.summary import build_summary
-from mathtune.runfiles import write_text
-
-def write_bytes(path: Path, content: bytes) -> None:
-    """runfiles.write_text for bytes (the plots): a temporary name in the same directory, then a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.partial")
-    partial.write_bytes(content)
-    os.replace(partial, path)
+from mathtune.runfiles import write_bytes, write_text
 
 
 def write_report(run_dir: Path) -> dict:
@@ -48,11 +40,3 @@ def write_report(run_dir: Path) -> dict:
     write_text(run_dir / "report.html", render("html", summary, uris, run_name))
     return summary
 
-
-def __getattr__(name: str):
-    """compare_runs lives in report.compare (which calls write_report); the CLI imports it from here."""
-    if name == "compare_runs":
-        from mathtune.report.compare import compare_runs
-
-        return compare_runs
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -11,7 +11,7 @@ in bfloat16.
 - The loss head (mathtune.speedups.lm_loss) reads the whole head weight at every step, so in float32
   all of it stays resident for the whole run; kept compact, each vocabulary slice is rebuilt as the
   head reaches it, which costs about as much as reading the float32 slice from memory. A bfloat16
-  copy of such a head (the packaged model's, mathtune.models.float32_original) holds the float32
+  copy of such a head (the packaged model's, mathtune.model_cache.float32_original) holds the float32
   values rounded, so the float32 head's codes and scales, rebuilt in float32 and rounded the same
   way, give every one of them back (compact_rounded_rows; a pass over the vocabulary takes longer
   than reading the bfloat16 weight, from a little over half its bytes).
