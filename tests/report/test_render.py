@@ -102,3 +102,19 @@ def test_stale_plots_are_removed(tmp_path):
             path.unlink()
     write_report(run)
     assert not (run / "plots" / "accuracy.png").exists() and (run / "plots" / "loss.png").exists()
+
+
+def test_report_top_says_why_there_is_no_gain_on_unpaired_problems(tmp_path):
+    run = make_run(tmp_path)
+    tuned_path = run / "eval" / "tuned" / "predictions.jsonl"
+    tuned = [json.loads(line) for line in tuned_path.read_text().splitlines()]
+    write_jsonl(tuned_path, [{**p, "id": p["id"].replace("test-", "train-")} for p in tuned])
+    scores = json.loads((run / "eval" / "tuned" / "scores.json").read_text())
+    (run / "eval" / "tuned" / "scores.json").write_text(json.dumps({**scores, "ids_sha256": "other"}))
+    summary = write_report(run)
+    assert summary["accuracy"]["gain_points"] is None and summary["cost"]["usd_per_point"] is None
+    reason = "base and tuned were scored on different problems: no paired gain"
+    markdown_top = (run / "report.md").read_text().split("\n## ", 1)[0]
+    html_top = (run / "report.html").read_text().split("<h2", 1)[0]
+    assert reason in markdown_top.lower() and reason in html_top.lower()
+    assert "+30.0" not in markdown_top and "+30.0" not in html_top  # 55% - 25% over different problems

@@ -115,3 +115,46 @@ def test_summary_drops_non_finite_losses_and_resumed_duplicates():
     summary = _summary(metrics=metrics)
     assert summary["train_loss"]["last"] == losses[-1]
     assert any("not finite" in n for n in summary["notes"])
+
+
+def _renamed(predictions: list[dict], prefix: str) -> list[dict]:
+    return [{**p, "id": p["id"].replace("test-", prefix)} for p in predictions]
+
+
+_PRICED = {"train_result": {"wall_clock_s": 3600.0, "hardware": "NVIDIA H100 80GB HBM3"}}
+
+
+def test_gain_is_computed_on_the_problems_both_models_were_scored_on():
+    base = [pred(i, i < 2) for i in range(10)]  # test-0..9, right on test-0 and test-1 only
+    tuned = [pred(i, True) for i in range(5, 15)]  # test-5..14, all right
+    summary = _summary(predictions={"base": base, "tuned": tuned}, **_PRICED)
+    acc = summary["accuracy"]
+    assert acc["base"]["value"] == 0.2 and acc["tuned"]["value"] == 1.0  # each model's own problems
+    assert acc["gain_n"] == 5 and acc["paired"]["n"] == 5
+    assert acc["gain_points"] == pytest.approx(100)  # test-5..9: base 0 of 5, tuned 5 of 5
+    assert "5 problems both" in acc["gain_note"]
+    assert summary["cost"]["usd_per_point"] == pytest.approx(PRICES_USD_PER_HOUR["H100"] / 100)
+
+
+def test_no_gain_when_base_and_tuned_share_no_problem():
+    base = [pred(i, i < 2) for i in range(10)]
+    tuned = _renamed([pred(i, i < 8) for i in range(10)], "train-")
+    scores = {"base": {"ids_sha256": "a", "n": 10}, "tuned": {"ids_sha256": "b", "n": 10}}
+    summary = _summary(predictions={"base": base, "tuned": tuned}, scores=scores, **_PRICED)
+    acc = summary["accuracy"]
+    assert acc["base"]["value"] == 0.2 and acc["tuned"]["value"] == 0.8
+    assert acc["gain_points"] is None and acc["gain_n"] == 0 and acc["paired"] is None and acc["mcnemar_p"] is None
+    assert "base and tuned were scored on different problems: no paired gain" in acc["gain_note"].lower()
+    assert any("scored on different problems" in m for m in summary["missing"])
+    assert summary["cost"]["usd_per_point"] is None
+
+
+@pytest.mark.parametrize("tuned_ids, gain", [("a", pytest.approx(30)), ("b", None), (None, None)])
+def test_gain_from_scores_alone_needs_the_same_problem_ids(tuned_ids, gain):
+    block = lambda correct: {"correct": correct, "total": 10}  # noqa: E731
+    scores = {"base": {"ids_sha256": "a", "n": 10, "strict": block(2)},
+              "tuned": {"ids_sha256": tuned_ids, "n": 10, "strict": block(5)}}
+    acc = _summary(scores=scores)["accuracy"]
+    assert acc["base"]["value"] == 0.2 and acc["tuned"]["value"] == 0.5
+    assert acc["gain_points"] == gain
+    assert (acc["gain_note"] is None) == (gain is not None)

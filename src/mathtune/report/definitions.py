@@ -47,7 +47,9 @@ def definitions() -> dict[str, str]:
         "accuracy.base": "Strict exact match of the base model: correct / scored, with a 95% Wilson score interval.",
         "accuracy.tuned": "Strict exact match of the tuned model: correct / scored, with a 95% Wilson score interval.",
         "accuracy.flexible": "Exact match when the last number in the generation is taken as the answer, 95% Wilson interval.",
-        "accuracy.gain_points": "Tuned minus base strict accuracy, in percentage points.",
+        "accuracy.gain_points": "Tuned minus base strict accuracy, in percentage points, on the problems both models "
+        "were scored on (the paired problems, accuracy.gain_n); none when they share no problem.",
+        "accuracy.gain_n": "How many problems the gain is computed on: those whose ids both prediction files hold.",
         "accuracy.paired": "Counts of problems scored for both models by which of them answered correctly (strict).",
         "accuracy.mcnemar_p": "Two-sided exact McNemar test: binomial test of only-base vs only-tuned problems against 50/50.",
         "accuracy.by_steps": "Strict exact match grouped by the number of lines of the gold solution before ####.",
