@@ -7,7 +7,7 @@ import pytest
 from scipy import stats
 
 from conftest import REQUIRED_SUMMARY_KEYS, summary_lookup
-from handmade import falling_curve, logged_metrics, pred
+from handmade import NOISY_FALL, falling_curve, logged_metrics, pred
 from mathtune.report.cost import PRICES_USD_PER_HOUR
 from mathtune.report.records import RunRecords
 from mathtune.report.summary import build_summary
@@ -33,7 +33,8 @@ def test_summary_has_required_keys_and_computes_figures():
     for key in REQUIRED_SUMMARY_KEYS:
         summary_lookup(summary, key)
     assert summary["model"] == "gemma-3-270m" and summary["data"]["synthetic"]
-    assert summary["train_loss"]["first"] == losses[0] and summary["train_loss"]["last"] == losses[-1]
+    assert summary["train_loss"]["first"] == pytest.approx(stats.trim_mean(losses[:10], 0.2))
+    assert summary["train_loss"]["last"] == pytest.approx(stats.trim_mean(losses[-10:], 0.2))
     assert summary["steps_per_epoch"] == pytest.approx(500)
     assert summary["final_phase"]["still_improving"]
     assert [p["step"] for p in summary["final_phase"]["forecast"]["points"]] == [1500, 2000]
@@ -113,7 +114,7 @@ def test_summary_drops_non_finite_losses_and_resumed_duplicates():
     metrics.insert(5, {"kind": "train", "step": steps[-1], "epoch": 0.4, "elapsed_s": 1.0, "loss": 99.0})  # re-logged later
     metrics.append({"kind": "train", "step": 210, "epoch": 0.42, "elapsed_s": 800.0, "loss": float("nan")})
     summary = _summary(metrics=metrics)
-    assert summary["train_loss"]["last"] == losses[-1]
+    assert summary["train_loss"]["last"] == pytest.approx(stats.trim_mean(losses[-5:], 0.2))
     assert any("not finite" in n for n in summary["notes"])
 
 
@@ -158,3 +159,12 @@ def test_gain_from_scores_alone_needs_the_same_problem_ids(tuned_ids, gain):
     assert acc["base"]["value"] == 0.2 and acc["tuned"]["value"] == 0.5
     assert acc["gain_points"] == gain
     assert (acc["gain_note"] is None) == (gain is not None)
+
+
+def test_training_loss_decrease_reads_the_trend_not_two_single_noisy_logs():
+    steps = [10 * (i + 1) for i in range(len(NOISY_FALL))]
+    summary = _summary(metrics=logged_metrics(steps, NOISY_FALL))
+    assert summary["train_loss"]["decrease_pct"] == pytest.approx(15.41, abs=0.01)  # the single logs: -4.3%
+    assert summary["train_loss"]["first"] == pytest.approx(1.01667, abs=1e-4)
+    assert summary["train_loss"]["window"] == 5
+    assert not any("Raise the learning rate" in r["text"] for r in summary["recommendations"])

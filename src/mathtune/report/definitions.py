@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
-from mathtune.report.curves import ALPHA, FINAL_FRACTION, MIN_POINTS, OVERFIT_RISES, SMOOTHING
+from mathtune.report.curves import ALPHA, END_TRIM, FINAL_FRACTION, MIN_POINTS, OVERFIT_RISES, SMOOTHING
 from mathtune.report.hard_examples import OUTLIER_Z
 
 
 def definitions() -> dict[str, str]:
     """One sentence per figure saying how it is computed, keyed by its dotted path in the summary."""
     return {
-        "train_loss.first": "Training loss (mean over the loss-bearing tokens of one logging interval) at the first log.",
-        "train_loss.last": "Training loss at the last log.",
-        "train_loss.decrease_pct": "(first - last) / first x 100 of the logged training loss; negative means it rose.",
+        "train_loss.first": f"Training loss at the start: the {END_TRIM:.0%}-trimmed mean of the first "
+        f"train_loss.window logs ({SMOOTHING}, the final phase's smoothing window, or the first {FINAL_FRACTION:.0%} of "
+        "the logs when that is more; at most half of them). Each log is the Trainer's mean of the per-token losses of "
+        "the optimizer steps in its logging interval.",
+        "train_loss.last": f"Training loss at the end: the {END_TRIM:.0%}-trimmed mean of the last train_loss.window logs.",
+        "train_loss.decrease_pct": "(first - last) / first x 100 of those two trimmed means, not of two single noisy "
+        "logs; negative means it rose.",
+        "train_loss.window": "How many logs each end of the training loss averages.",
         "val_loss.first": "Validation loss (token-weighted mean over the validation set) at the first evaluation.",
         "val_loss.best": "Lowest validation loss over all evaluations.",
         "val_loss.last": "Validation loss at the last evaluation.",

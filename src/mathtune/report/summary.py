@@ -10,7 +10,7 @@ from __future__ import annotations
 from mathtune import synthetic
 from mathtune.report.cost import cost, throughput
 from mathtune.report.curves import (
-    detect_overfitting, early_stopping, final_phase, generalisation_gap, latest_per_step, loss_decrease_pct,
+    detect_overfitting, early_stopping, final_phase, generalisation_gap, latest_per_step, loss_decrease_pct, loss_ends,
     loss_vs_exact_match, series,
 )
 from mathtune.report.definitions import definitions
@@ -164,7 +164,7 @@ def _training(metrics: list[dict], steps_per_epoch: float | None, missing: list[
 
 def _losses(train_steps: list[int], train_losses: list[float], eval_steps: list[int], eval_losses: list[float]) -> dict:
     """First, last and best training and validation loss, and how far each fell."""
-    train_loss = {**_first_last(train_losses), "first_step": train_steps[0] if train_steps else None,
+    train_loss = {**loss_ends(train_losses), "first_step": train_steps[0] if train_steps else None,
                   "last_step": train_steps[-1] if train_steps else None, "decrease_pct": None}
     if len(train_steps) > 1:
         train_loss["decrease_pct"] = loss_decrease_pct(train_loss["first"], train_loss["last"])
