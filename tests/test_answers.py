@@ -294,3 +294,31 @@ def test_has_arithmetic_slip() -> None:
     assert has_arithmetic_slip([]) is False
     assert has_arithmetic_slip([{"expression": "1+1", "claimed": "2", "value": "2", "ok": True}]) is False
     assert has_arithmetic_slip([{"expression": "1+1", "claimed": "3", "value": "2", "ok": False}]) is True
+
+
+@pytest.mark.parametrize("solution, gold, steps", [
+    ("3 + 2 = 5\n  #### 5", "5", 1),  # an indented final line reads unambiguously
+    ("3 + 2 = 5\n\t#### -5 \n\n", "-5", 1),
+    ("Half is 2.5.\n#### 2.50", "2.5", 1),
+    ("#### 1,500", "1500", 0),
+])
+def test_gold_line_is_the_last_line_stripped(solution: str, gold: str, steps: int) -> None:
+    assert gold_answer(solution) == gold and count_reasoning_steps(solution) == steps
+
+
+GOLD_CASES = ["a\n#### 5", "a\n  #### 5", "a\n#### $5", "a\n#### 5.", "a\n####5", "a\n#### 1,000", "a\n#### .5",
+              "a\n#### five", "a\n####", "a\n#### 5 apples", "a\n#### 5\nmore", "#### 5 #### 6", "a\n### 5",
+              "a\n#### 1.2.3", "a\n#### --5"]
+
+
+@pytest.mark.parametrize("answer", GOLD_CASES)
+def test_data_validation_and_scoring_accept_the_same_gold_lines(answer: str) -> None:
+    """A record data.check_record accepts is one gold_answer can score, and the other way round."""
+    from mathtune.data import check_record
+
+    try:
+        gold_answer(answer)
+        scorable = True
+    except ValueError:
+        scorable = False
+    assert (check_record({"question": "q?", "answer": answer}) is None) == scorable

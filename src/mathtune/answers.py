@@ -67,24 +67,31 @@ def is_correct(predicted: str | None, gold: str) -> bool:
     return p is not None and g is not None and Decimal(p) == Decimal(g)
 
 
-def _split_gold(solution: str) -> tuple[list[str], str]:
+def gold_line(solution: str) -> tuple[list[str], str]:
+    """The reasoning lines of a GSM8K solution and the normalised N of its final '#### N' line.
+
+    The one rule for a gold answer: data.check_record applies it when a file is read and
+    gold_answer when a problem is scored, so a record that passes validation is one that can be
+    scored. The last non-empty line, surrounding whitespace ignored, is '####' and then a number
+    as normalize_number reads it ('#### 1,500', '  #### 5', '#### $5'); raises ValueError otherwise.
+    """
     lines = solution.strip().splitlines()
-    if not lines or not lines[-1].startswith("####"):
+    last = lines[-1].strip() if lines else ""
+    if not last.startswith("####"):
         raise ValueError(f"gold solution does not end with a '#### N' line: {solution[-80:]!r}")
-    return lines[:-1], lines[-1]
+    if (n := normalize_number(last[4:])) is None:
+        raise ValueError(f"no number in gold answer line {last!r}")
+    return lines[:-1], n
 
 
 def gold_answer(solution: str) -> str:
-    """The normalised N of the final '#### N' line of a GSM8K solution."""
-    last = _split_gold(solution)[1]
-    if (n := normalize_number(last[4:])) is None:
-        raise ValueError(f"no number in gold answer line {last!r}")
-    return n
+    """The normalised N of the final '#### N' line of a GSM8K solution (gold_line's rule)."""
+    return gold_line(solution)[1]
 
 
 def count_reasoning_steps(solution: str) -> int:
     """Non-empty lines before the '####' line: a rough difficulty measure for accuracy_by_steps."""
-    return sum(1 for line in _split_gold(solution)[0] if line.strip())
+    return sum(1 for line in gold_line(solution)[0] if line.strip())
 
 
 # -----------------------------------------------------------------------------
