@@ -209,7 +209,7 @@ def test_safe_eval_matches_exact_arithmetic(case: tuple[str, Fraction]) -> None:
     assert abs(Fraction(value) - exact) <= Fraction(1, 10**40) * max(1, abs(exact)), text
 
 
-ARITHMETIC_TEXT = st.text(alphabet="0123456789.,+-*/()x×÷ $=<>#%\nabcX:", max_size=300)
+ARITHMETIC_TEXT = st.text(alphabet="0123456789.,+-*/()x×÷^²³¹⁰ $=<>#%\nabcX:", max_size=300)
 
 
 @settings(max_examples=300, deadline=500)
@@ -322,3 +322,35 @@ def test_data_validation_and_scoring_accept_the_same_gold_lines(answer: str) -> 
     except ValueError:
         scorable = False
     assert (check_record({"question": "q?", "answer": answer}) is None) == scorable
+
+
+# -----------------------------------------------------------------------------
+# powers
+
+
+@pytest.mark.parametrize("expression,expected", [
+    ("10^2", "100"), ("2^10", "1024"), ("10²", "100"), ("2³ + 1", "9"), ("2^3^2", "512"), ("-2^2", "-4"),
+    ("(-2)^2", "4"), ("2^-2", "0.25"), ("3 x 2^2", "12"), ("10^0", "1"), ("1.5^2", "2.25"), ("2¹⁰", "1024"),
+])
+def test_safe_eval_powers(expression: str, expected: str) -> None:
+    assert safe_eval(expression) == Decimal(expected)
+
+
+@pytest.mark.parametrize("expression", ["10^31", "2^200", "9^9^9", "4^0.5", "2^", "^2", "²", "0.1^-40", "10^10^10"])
+def test_safe_eval_refuses_powers_beyond_its_bounds(expression: str) -> None:
+    start = time.perf_counter()
+    with pytest.raises(UnsafeExpression):
+        safe_eval(expression)
+    assert time.perf_counter() - start < 0.1
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("10 x 10 = 10^2 = 100", [("10^2", "100", "100", True)]),  # '= 10^2' is no claim that 10 x 10 = 10
+    ("10 x 10 = 10² = 100 tiles", [("10²", "100", "100", True)]),
+    ("so 10^2 = 1000", [("10^2", "1000", "100", False)]),
+    ("so 10² = 1000", [("10²", "1000", "100", False)]),
+    ("<<2^5=32>>32", [("2^5", "32", "32", True)]),
+    ("3^2 + 4^2 = 25", [("3^2 + 4^2", "25", "25", True)]),
+])
+def test_check_arithmetic_reads_powers(text: str, expected: list) -> None:
+    assert _summary(text) == expected

@@ -168,3 +168,11 @@ def test_training_loss_decrease_reads_the_trend_not_two_single_noisy_logs():
     assert summary["train_loss"]["first"] == pytest.approx(1.01667, abs=1e-4)
     assert summary["train_loss"]["window"] == 5
     assert not any("Raise the learning rate" in r["text"] for r in summary["recommendations"])
+
+
+def test_training_token_accuracy_definition_says_how_trl_averages_it():
+    """TRL's SFTTrainer appends each forward pass's correct/valid ratio and log() averages the list:
+    an unweighted mean of per-batch shares, not a share pooled over the interval's tokens."""
+    text = build_summary(RunRecords())["definitions"]["token_accuracy.train.first"]
+    assert "pooled" not in text
+    assert "unweighted mean" in text and "per batch" in text.replace("-", " ")

@@ -32,8 +32,11 @@ def definitions() -> dict[str, str]:
         "final_phase.still_improving": f"'still improving' when the slope is negative with p < {ALPHA}, else 'flat'.",
         "final_phase.forecast": "Training loss after 1 and 2 more epochs from loss = a + b*ln(step) fitted to the second "
         "half of the curve, with the 95% confidence band of the fit; it extends the curve as it was, schedule included.",
-        "token_accuracy.train.first": "Share of loss-bearing tokens whose greedy prediction equals the reference, "
-        "pooled over the first logging interval.",
+        "token_accuracy.train.first": "Training token accuracy at the first log, as TRL's SFTTrainer logs it: each "
+        "forward pass records the share of its loss-bearing tokens whose greedy prediction equals the reference "
+        "(counts summed over devices; a batch mathtune cuts into pieces records one share), and the log is the "
+        "unweighted mean of these per-batch shares over the logging interval, so a batch with few tokens weighs "
+        "as much as a full one.",
         "token_accuracy.train.last": "The same at the last training log.",
         "token_accuracy.val.first": "Share of the validation set's loss-bearing tokens predicted exactly, at the first evaluation.",
         "token_accuracy.val.last": "The same at the last evaluation.",
