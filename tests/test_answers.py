@@ -209,7 +209,7 @@ def test_safe_eval_matches_exact_arithmetic(case: tuple[str, Fraction]) -> None:
     assert abs(Fraction(value) - exact) <= Fraction(1, 10**40) * max(1, abs(exact)), text
 
 
-ARITHMETIC_TEXT = st.text(alphabet="0123456789.,+-*/()x×÷ $=<>#%\nabcX:", max_size=300)
+ARITHMETIC_TEXT = st.text(alphabet="0123456789.,+-*/()x×÷^²³¹⁰ $=<>#%\nabcX:", max_size=300)
 
 
 @settings(max_examples=300, deadline=500)
@@ -294,3 +294,63 @@ def test_has_arithmetic_slip() -> None:
     assert has_arithmetic_slip([]) is False
     assert has_arithmetic_slip([{"expression": "1+1", "claimed": "2", "value": "2", "ok": True}]) is False
     assert has_arithmetic_slip([{"expression": "1+1", "claimed": "3", "value": "2", "ok": False}]) is True
+
+
+@pytest.mark.parametrize("solution, gold, steps", [
+    ("3 + 2 = 5\n  #### 5", "5", 1),  # an indented final line reads unambiguously
+    ("3 + 2 = 5\n\t#### -5 \n\n", "-5", 1),
+    ("Half is 2.5.\n#### 2.50", "2.5", 1),
+    ("#### 1,500", "1500", 0),
+])
+def test_gold_line_is_the_last_line_stripped(solution: str, gold: str, steps: int) -> None:
+    assert gold_answer(solution) == gold and count_reasoning_steps(solution) == steps
+
+
+GOLD_CASES = ["a\n#### 5", "a\n  #### 5", "a\n#### $5", "a\n#### 5.", "a\n####5", "a\n#### 1,000", "a\n#### .5",
+              "a\n#### five", "a\n####", "a\n#### 5 apples", "a\n#### 5\nmore", "#### 5 #### 6", "a\n### 5",
+              "a\n#### 1.2.3", "a\n#### --5"]
+
+
+@pytest.mark.parametrize("answer", GOLD_CASES)
+def test_data_validation_and_scoring_accept_the_same_gold_lines(answer: str) -> None:
+    """A record data.check_record accepts is one gold_answer can score, and the other way round."""
+    from mathtune.data import check_record
+
+    try:
+        gold_answer(answer)
+        scorable = True
+    except ValueError:
+        scorable = False
+    assert (check_record({"question": "q?", "answer": answer}) is None) == scorable
+
+
+# -----------------------------------------------------------------------------
+# powers
+
+
+@pytest.mark.parametrize("expression,expected", [
+    ("10^2", "100"), ("2^10", "1024"), ("10²", "100"), ("2³ + 1", "9"), ("2^3^2", "512"), ("-2^2", "-4"),
+    ("(-2)^2", "4"), ("2^-2", "0.25"), ("3 x 2^2", "12"), ("10^0", "1"), ("1.5^2", "2.25"), ("2¹⁰", "1024"),
+])
+def test_safe_eval_powers(expression: str, expected: str) -> None:
+    assert safe_eval(expression) == Decimal(expected)
+
+
+@pytest.mark.parametrize("expression", ["10^31", "2^200", "9^9^9", "4^0.5", "2^", "^2", "²", "0.1^-40", "10^10^10"])
+def test_safe_eval_refuses_powers_beyond_its_bounds(expression: str) -> None:
+    start = time.perf_counter()
+    with pytest.raises(UnsafeExpression):
+        safe_eval(expression)
+    assert time.perf_counter() - start < 0.1
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("10 x 10 = 10^2 = 100", [("10^2", "100", "100", True)]),  # '= 10^2' is no claim that 10 x 10 = 10
+    ("10 x 10 = 10² = 100 tiles", [("10²", "100", "100", True)]),
+    ("so 10^2 = 1000", [("10^2", "1000", "100", False)]),
+    ("so 10² = 1000", [("10²", "1000", "100", False)]),
+    ("<<2^5=32>>32", [("2^5", "32", "32", True)]),
+    ("3^2 + 4^2 = 25", [("3^2 + 4^2", "25", "25", True)]),
+])
+def test_check_arithmetic_reads_powers(text: str, expected: list) -> None:
+    assert _summary(text) == expected

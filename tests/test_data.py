@@ -108,3 +108,15 @@ def test_the_data_line_names_the_source_and_says_when_it_is_not_gsm8k():
     assert "NOT GSM8K" in data.describe(generated)
     assert data.describe(local, [{}] * 3, [{}]) == (
         "Data: GSM8K from local files (/data/gsm8k); 3 training and 1 validation problems.")
+
+
+def test_an_indented_gold_line_is_read_and_scored_alike(tmp_path):
+    from mathtune.answers import gold_answer
+
+    path = write_jsonl(tmp_path / "train.jsonl", [
+        {"question": "What is 3+2?", "answer": "3+2 = <<3+2=5>>5\n  #### 5"},
+        {"question": "What is 3+3?", "answer": "3+3 = 6\n#### 6 apples"},
+    ])
+    problems, skipped = data.read_problems(path, "train", skip_invalid=True)
+    assert [p["id"] for p in problems] == ["train-0"] and gold_answer(problems[0]["answer"]) == "5"
+    assert skipped == [f"{path}:2: the answer's last line is not '#### <number>'"]

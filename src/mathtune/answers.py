@@ -5,6 +5,7 @@ of "the model's answer" and "an arithmetic slip". See docs/answers.md.
 """
 from __future__ import annotations
 
+import math
 import re
 from decimal import ROUND_DOWN, ROUND_HALF_UP, Decimal, localcontext
 from fractions import Fraction
@@ -67,38 +68,49 @@ def is_correct(predicted: str | None, gold: str) -> bool:
     return p is not None and g is not None and Decimal(p) == Decimal(g)
 
 
-def _split_gold(solution: str) -> tuple[list[str], str]:
+def gold_line(solution: str) -> tuple[list[str], str]:
+    """The reasoning lines of a GSM8K solution and the normalised N of its final '#### N' line.
+
+    The one rule for a gold answer: data.check_record applies it when a file is read and
+    gold_answer when a problem is scored, so a record that passes validation is one that can be
+    scored. The last non-empty line, surrounding whitespace ignored, is '####' and then a number
+    as normalize_number reads it ('#### 1,500', '  #### 5', '#### $5'); raises ValueError otherwise.
+    """
     lines = solution.strip().splitlines()
-    if not lines or not lines[-1].startswith("####"):
+    last = lines[-1].strip() if lines else ""
+    if not last.startswith("####"):
         raise ValueError(f"gold solution does not end with a '#### N' line: {solution[-80:]!r}")
-    return lines[:-1], lines[-1]
+    if (n := normalize_number(last[4:])) is None:
+        raise ValueError(f"no number in gold answer line {last!r}")
+    return lines[:-1], n
 
 
 def gold_answer(solution: str) -> str:
-    """The normalised N of the final '#### N' line of a GSM8K solution."""
-    last = _split_gold(solution)[1]
-    if (n := normalize_number(last[4:])) is None:
-        raise ValueError(f"no number in gold answer line {last!r}")
-    return n
+    """The normalised N of the final '#### N' line of a GSM8K solution (gold_line's rule)."""
+    return gold_line(solution)[1]
 
 
 def count_reasoning_steps(solution: str) -> int:
     """Non-empty lines before the '####' line: a rough difficulty measure for accuracy_by_steps."""
-    return sum(1 for line in _split_gold(solution)[0] if line.strip())
+    return sum(1 for line in gold_line(solution)[0] if line.strip())
 
 
 # -----------------------------------------------------------------------------
 # safe arithmetic
 # Model text is untrusted. eval()/exec() would run it as code, and even an ast-based
 # evaluator lets '9**9**9' or a million-digit int hang the process. So: a tokenizer and a
-# recursive-descent parser for numbers, + - * / ( ) and unary signs, with hard bounds on
-# size, that can only return a Decimal or raise ValueError. It computes with exact
-# fractions so that 1/3*27 is 9, not 8.999...
+# recursive-descent parser for numbers, + - * / ^ ( ), superscript exponents and unary
+# signs, with hard bounds on size, that can only return a Decimal or raise ValueError. It
+# computes with exact fractions so that 1/3*27 is 9, not 8.999..., and checks a power's size
+# before computing it.
 
 MAX_CHARS, MAX_TOKENS, MAX_DEPTH, MAX_DIGITS = 200, 50, 20, 30
 MAX_ABS = 10**30
+MAX_EXPONENT = 100  # |n| of an integer exponent; the result must stay within 1e30 (and above 1e-30) too
+SUPERSCRIPTS = "⁰¹²³⁴⁵⁶⁷⁸⁹"  # '10²' is 10^2; a run of them is one exponent ('2¹⁰')
 _PREC = 60  # significant digits of a non-terminating result (10/3)
-_TOKEN_RE = re.compile(r"\s*(?:([0-9]{1,3}(?:,[0-9]{3})+(?:\.[0-9]+)?|[0-9]+(?:\.[0-9]*)?|\.[0-9]+)|([-+*/()x×÷]))")
+_TOKEN_RE = re.compile(
+    rf"\s*(?:([0-9]{{1,3}}(?:,[0-9]{{3}})+(?:\.[0-9]+)?|[0-9]+(?:\.[0-9]*)?|\.[0-9]+)|([-+*/()x×÷^])|([{SUPERSCRIPTS}]+))")
 _OPS = {"x": "*", "×": "*", "÷": "/"}
 
 
@@ -117,6 +129,10 @@ def _tokenize(expression: str) -> list[Fraction | str]:
             if sum(c.isdigit() for c in number) > MAX_DIGITS:
                 raise UnsafeExpression(f"number longer than {MAX_DIGITS} digits")
             tokens.append(Fraction(Decimal(number.replace(",", ""))))
+        elif (superscript := m.group(3)) is not None:  # '²' is '^' and 2
+            if not tokens or tokens[-1] == "^" or len(superscript) > 3:
+                raise UnsafeExpression(f"unexpected {superscript!r}")
+            tokens += ["^", Fraction(int("".join(str(SUPERSCRIPTS.index(c)) for c in superscript)))]
         else:
             tokens.append(_OPS.get(m.group(2), m.group(2)))
         if len(tokens) > MAX_TOKENS:
@@ -131,9 +147,25 @@ def _bounded(value: Fraction) -> Fraction:
     return value
 
 
+def _power(base: Fraction, exponent: Fraction) -> Fraction:
+    """base ** exponent for a whole exponent up to MAX_EXPONENT, refused before computing when the
+    result would leave [1e-30, 1e30]: '9^9^9' must not run for ever."""
+    if exponent.denominator != 1 or abs(exponent) > MAX_EXPONENT:
+        raise UnsafeExpression(f"exponent {exponent} is not a whole number up to {MAX_EXPONENT}")
+    if base == 0:
+        if exponent < 0:
+            raise ValueError("division by zero")
+        return Fraction(1) if exponent == 0 else Fraction(0)
+    if abs(exponent) * abs(math.log10(abs(base))) > 30:
+        raise UnsafeExpression("power beyond 1e30")
+    return _bounded(base ** int(exponent))
+
+
 class _Parser:
     """expr := term (('+'|'-') term)* ; term := unary (('*'|'/') unary)* ;
-    unary := ('-'|'+') unary | '(' expr ')' | NUMBER"""
+    unary := ('-'|'+') unary | power ; power := atom ('^' unary)? ; atom := '(' expr ')' | NUMBER
+
+    '-2^2' is -4 and '2^3^2' is 2^9, as in written mathematics."""
 
     def __init__(self, tokens: list[Fraction | str]) -> None:
         self.tokens, self.pos, self.depth = tokens, 0, 0
@@ -165,19 +197,38 @@ class _Parser:
         return value
 
     def unary(self) -> Fraction:
+        if self.peek() not in ("-", "+"):
+            return self.power()
+        tok = self.take()
+        value = self.nested(self.unary)
+        return -value if tok == "-" else value
+
+    def power(self) -> Fraction:
+        base = self.atom()
+        if self.peek() != "^":
+            return base
+        self.take()
+        return _power(base, self.nested(self.unary))
+
+    def atom(self) -> Fraction:
         tok = self.take()
         if isinstance(tok, Fraction):
             return tok
-        if tok not in ("-", "+", "("):
+        if tok != "(":
             raise UnsafeExpression(f"unexpected {tok!r}")
+        value = self.nested(self.expr)
+        if self.take() != ")":
+            raise UnsafeExpression("missing ')'")
+        return value
+
+    def nested(self, rule) -> Fraction:
+        """rule() one level deeper, refused beyond MAX_DEPTH levels."""
         self.depth += 1
         if self.depth > MAX_DEPTH:
             raise UnsafeExpression(f"nesting deeper than {MAX_DEPTH}")
-        value = self.expr() if tok == "(" else self.unary()
-        if tok == "(" and self.take() != ")":
-            raise UnsafeExpression("missing ')'")
+        value = rule()
         self.depth -= 1
-        return -value if tok == "-" else value
+        return value
 
 
 def safe_eval(expression: str) -> Decimal:
@@ -205,11 +256,11 @@ ANNOTATION_RE = re.compile(r"<<([^<>=]*)=([^<>=]*)>>")  # GSM8K calculator annot
 _CLAIM_RE = re.compile(
     r"\s*\$?\s*(-?(?:[0-9][0-9,]*(?:\.[0-9]+)?|\.[0-9]+))"
     r"(?![0-9,]|\.[0-9])"  # the whole number: no backtracking into '123%'
-    r"(?![A-Za-z_%:]|[ \t]+[0-9])"  # not '5A', '50%', '6:48', '1 1/2', '18 000'
-    r"(?!\s*(?:[-+*/×÷]|x\s*[$(.0-9]))"  # '3 + 1 = 8/2': the right side is an expression
+    rf"(?![A-Za-z_%:{SUPERSCRIPTS}]|[ \t]+[0-9])"  # not '5A', '50%', '6:48', '1 1/2', '18 000', '10²'
+    r"(?!\s*(?:[-+*/×÷^]|x\s*[$(.0-9]))"  # '3 + 1 = 8/2', '= 10^2': the right side is an expression
 )
-_LHS_CHARS = frozenset("0123456789.,$()+-*/x×÷ \t")
-_BINARY_RE = re.compile(r"[0-9.)]\s*[-+*/x×÷]")
+_LHS_CHARS = frozenset("0123456789.,$()+-*/x×÷^ \t" + SUPERSCRIPTS)
+_BINARY_RE = re.compile(rf"[0-9.)]\s*[-+*/x×÷^]|[0-9)][{SUPERSCRIPTS}]")
 _VARIABLE_X_RE = re.compile(r"x(?!\s*[$(.0-9])")  # '3x-5': x is a variable, not a times sign
 _ROUNDINGS = (ROUND_HALF_UP, ROUND_DOWN)
 

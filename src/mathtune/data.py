@@ -10,14 +10,13 @@ import json
 import math
 import os
 import random
-import re
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mathtune.answers import gold_line
 from mathtune.config import DataConfig
 
-ANSWER_LINE = re.compile(r"^####\s*(-?[\d,]*\.?\d+)\s*$")
 HUB_HOST = ("huggingface.co", 443)
 SOURCE_BANNER = {
     "gsm8k-local": "GSM8K from local files",
@@ -98,7 +97,9 @@ def check_record(record: object) -> str | None:
         return "missing or empty 'question'"
     if not isinstance(answer, str) or not answer.strip():
         return "missing or empty 'answer'"
-    if not ANSWER_LINE.match(answer.strip().splitlines()[-1].strip()):
+    try:
+        gold_line(answer)  # the rule scoring applies, so a record that passes here can be scored
+    except ValueError:
         return "the answer's last line is not '#### <number>'"
     return None
 

@@ -13,6 +13,12 @@ import yaml
 EVIL = 'Tom has <script>alert(1)</script> 3 <b>bold</b> apples & 2 pears | "quoted". How many?'
 
 
+# A noisy series whose true level falls from about 1.0 to about 0.86; its first log happens to be
+# low and its last high, so the first and last single logs show a rise.
+NOISY_FALL = [0.92, 1.05, 1.02, 0.99, 1.04, 1.0, 0.98, 0.97, 0.95, 0.96,
+              0.93, 0.92, 0.91, 0.9, 0.89, 0.86, 0.85, 0.87, 0.84, 0.96]
+
+
 def falling_curve(n=100, noise=0.01, seed=0):
     """A power-law loss still falling at the end, with a little noise."""
     rng = np.random.default_rng(seed)

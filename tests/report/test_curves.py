@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
-from handmade import falling_curve, flat_curve
+from handmade import NOISY_FALL, falling_curve, flat_curve
 from mathtune.report.curves import (
     detect_overfitting, early_stopping, final_phase, generalisation_gap, loss_decrease_pct, loss_vs_exact_match,
     rolling_mean,
@@ -106,3 +107,43 @@ def test_loss_vs_exact_match_flags_disagreement():
     assert "Validation loss fell 6.0% over the last 3 evaluations while exact match did not move" in stuck["sentence"]
     with pytest.raises(NotComputable):
         loss_vs_exact_match([1, 2], [1.0, 0.9], [0.1, 0.2])
+
+
+def test_loss_ends_are_trimmed_means_of_the_first_and_last_logs():
+    from mathtune.report.curves import loss_ends
+
+    assert loss_decrease_pct(NOISY_FALL[0], NOISY_FALL[-1]) < 0  # the single logs show a rise
+    ends = loss_ends(NOISY_FALL)
+    assert ends["window"] == 5  # SMOOTHING logs, as the final phase smooths: 10% of 20 logs is fewer
+    assert ends["first"] == pytest.approx((1.02 + 0.99 + 1.04) / 3)  # 1.05 and 0.92 trimmed
+    assert ends["last"] == pytest.approx((0.86 + 0.85 + 0.87) / 3)  # 0.96 and 0.84 trimmed
+    assert loss_decrease_pct(ends["first"], ends["last"]) == pytest.approx(15.41, abs=0.01)
+    assert loss_ends(list(range(200, 0, -1)))["window"] == 20  # 10% of the logs on a long run
+    assert loss_ends([3.0, 1.0]) == {"first": 3.0, "last": 1.0, "window": 1}
+    assert loss_ends([2.0])["window"] == 1
+
+
+def _misfires(rng, runs: int, n_logs: int, fall: float, noise: float) -> dict:
+    """Shares of simulated runs whose training loss decrease shows a rise, or falls below the
+    recommendation's threshold, by the first and last single logs and by loss_ends."""
+    from mathtune.report.curves import loss_ends
+    from mathtune.report.recommendations import LOW_TRAIN_DECREASE_PCT
+
+    true = np.linspace(1.0, 1.0 - fall, n_logs)
+    single, robust = [], []
+    for _ in range(runs):
+        losses = list(true * (1 + rng.normal(0, noise, n_logs)))
+        ends = loss_ends(losses)
+        single.append(loss_decrease_pct(losses[0], losses[-1]))
+        robust.append(loss_decrease_pct(ends["first"], ends["last"]))
+    single, robust = np.array(single), np.array(robust)
+    return {"single_rise": np.mean(single <= 0), "robust_rise": np.mean(robust <= 0),
+            "single_low": np.mean(single < LOW_TRAIN_DECREASE_PCT), "robust_low": np.mean(robust < LOW_TRAIN_DECREASE_PCT)}
+
+
+def test_a_true_fall_rarely_reads_as_a_rise_under_batch_noise():
+    """2,000 runs of 100 logs, a true 12% fall, 8% batch-to-batch noise."""
+    rates = _misfires(np.random.default_rng(20), runs=2000, n_logs=100, fall=0.12, noise=0.08)
+    assert 0.08 < rates["single_rise"] < 0.2  # the old rule: about 13% of runs show a rise
+    assert rates["robust_rise"] < 0.02
+    assert rates["single_low"] > 0.2 and rates["robust_low"] < 0.1  # the "raise the learning rate" advice

@@ -102,3 +102,34 @@ def test_stale_plots_are_removed(tmp_path):
             path.unlink()
     write_report(run)
     assert not (run / "plots" / "accuracy.png").exists() and (run / "plots" / "loss.png").exists()
+
+
+def test_report_top_says_why_there_is_no_gain_on_unpaired_problems(tmp_path):
+    run = make_run(tmp_path)
+    tuned_path = run / "eval" / "tuned" / "predictions.jsonl"
+    tuned = [json.loads(line) for line in tuned_path.read_text().splitlines()]
+    write_jsonl(tuned_path, [{**p, "id": p["id"].replace("test-", "train-")} for p in tuned])
+    scores = json.loads((run / "eval" / "tuned" / "scores.json").read_text())
+    (run / "eval" / "tuned" / "scores.json").write_text(json.dumps({**scores, "ids_sha256": "other"}))
+    summary = write_report(run)
+    assert summary["accuracy"]["gain_points"] is None and summary["cost"]["usd_per_point"] is None
+    reason = "base and tuned were scored on different problems: no paired gain"
+    markdown_top = (run / "report.md").read_text().split("\n## ", 1)[0]
+    html_top = (run / "report.html").read_text().split("<h2", 1)[0]
+    assert reason in markdown_top.lower() and reason in html_top.lower()
+    assert "+30.0" not in markdown_top and "+30.0" not in html_top  # 55% - 25% over different problems
+
+
+def test_markdown_escapes_values_from_run_files(tmp_path):
+    run = make_run(tmp_path)
+    scores_path = run / "eval" / "base" / "scores.json"
+    scores = json.loads(scores_path.read_text())
+    scores_path.write_text(json.dumps({**scores, "shots": "8 | <b>x</b>", "n": "20 | <i>y</i>"}))
+    result = json.loads((run / "train_result.json").read_text())
+    (run / "train_result.json").write_text(json.dumps({**result, "best_metric_name": "eval_loss | <script>z"}))
+    write_report(run)
+    markdown = (run / "report.md").read_text()
+    assert "<b>" not in markdown and "<i>" not in markdown and "<script>" not in markdown
+    assert "8 \\| &lt;b&gt;x&lt;/b&gt;-shot" in markdown and "eval_loss \\| &lt;script&gt;z" in markdown
+    html = (run / "report.html").read_text()
+    assert "<b>x" not in html and "<script>z" not in html

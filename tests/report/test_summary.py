@@ -7,7 +7,7 @@ import pytest
 from scipy import stats
 
 from conftest import REQUIRED_SUMMARY_KEYS, summary_lookup
-from handmade import falling_curve, logged_metrics, pred
+from handmade import NOISY_FALL, falling_curve, logged_metrics, pred
 from mathtune.report.cost import PRICES_USD_PER_HOUR
 from mathtune.report.records import RunRecords
 from mathtune.report.summary import build_summary
@@ -33,7 +33,8 @@ def test_summary_has_required_keys_and_computes_figures():
     for key in REQUIRED_SUMMARY_KEYS:
         summary_lookup(summary, key)
     assert summary["model"] == "gemma-3-270m" and summary["data"]["synthetic"]
-    assert summary["train_loss"]["first"] == losses[0] and summary["train_loss"]["last"] == losses[-1]
+    assert summary["train_loss"]["first"] == pytest.approx(stats.trim_mean(losses[:10], 0.2))
+    assert summary["train_loss"]["last"] == pytest.approx(stats.trim_mean(losses[-10:], 0.2))
     assert summary["steps_per_epoch"] == pytest.approx(500)
     assert summary["final_phase"]["still_improving"]
     assert [p["step"] for p in summary["final_phase"]["forecast"]["points"]] == [1500, 2000]
@@ -113,5 +114,65 @@ def test_summary_drops_non_finite_losses_and_resumed_duplicates():
     metrics.insert(5, {"kind": "train", "step": steps[-1], "epoch": 0.4, "elapsed_s": 1.0, "loss": 99.0})  # re-logged later
     metrics.append({"kind": "train", "step": 210, "epoch": 0.42, "elapsed_s": 800.0, "loss": float("nan")})
     summary = _summary(metrics=metrics)
-    assert summary["train_loss"]["last"] == losses[-1]
+    assert summary["train_loss"]["last"] == pytest.approx(stats.trim_mean(losses[-5:], 0.2))
     assert any("not finite" in n for n in summary["notes"])
+
+
+def _renamed(predictions: list[dict], prefix: str) -> list[dict]:
+    return [{**p, "id": p["id"].replace("test-", prefix)} for p in predictions]
+
+
+_PRICED = {"train_result": {"wall_clock_s": 3600.0, "hardware": "NVIDIA H100 80GB HBM3"}}
+
+
+def test_gain_is_computed_on_the_problems_both_models_were_scored_on():
+    base = [pred(i, i < 2) for i in range(10)]  # test-0..9, right on test-0 and test-1 only
+    tuned = [pred(i, True) for i in range(5, 15)]  # test-5..14, all right
+    summary = _summary(predictions={"base": base, "tuned": tuned}, **_PRICED)
+    acc = summary["accuracy"]
+    assert acc["base"]["value"] == 0.2 and acc["tuned"]["value"] == 1.0  # each model's own problems
+    assert acc["gain_n"] == 5 and acc["paired"]["n"] == 5
+    assert acc["gain_points"] == pytest.approx(100)  # test-5..9: base 0 of 5, tuned 5 of 5
+    assert "5 problems both" in acc["gain_note"]
+    assert summary["cost"]["usd_per_point"] == pytest.approx(PRICES_USD_PER_HOUR["H100"] / 100)
+
+
+def test_no_gain_when_base_and_tuned_share_no_problem():
+    base = [pred(i, i < 2) for i in range(10)]
+    tuned = _renamed([pred(i, i < 8) for i in range(10)], "train-")
+    scores = {"base": {"ids_sha256": "a", "n": 10}, "tuned": {"ids_sha256": "b", "n": 10}}
+    summary = _summary(predictions={"base": base, "tuned": tuned}, scores=scores, **_PRICED)
+    acc = summary["accuracy"]
+    assert acc["base"]["value"] == 0.2 and acc["tuned"]["value"] == 0.8
+    assert acc["gain_points"] is None and acc["gain_n"] == 0 and acc["paired"] is None and acc["mcnemar_p"] is None
+    assert "base and tuned were scored on different problems: no paired gain" in acc["gain_note"].lower()
+    assert any("scored on different problems" in m for m in summary["missing"])
+    assert summary["cost"]["usd_per_point"] is None
+
+
+@pytest.mark.parametrize("tuned_ids, gain", [("a", pytest.approx(30)), ("b", None), (None, None)])
+def test_gain_from_scores_alone_needs_the_same_problem_ids(tuned_ids, gain):
+    block = lambda correct: {"correct": correct, "total": 10}  # noqa: E731
+    scores = {"base": {"ids_sha256": "a", "n": 10, "strict": block(2)},
+              "tuned": {"ids_sha256": tuned_ids, "n": 10, "strict": block(5)}}
+    acc = _summary(scores=scores)["accuracy"]
+    assert acc["base"]["value"] == 0.2 and acc["tuned"]["value"] == 0.5
+    assert acc["gain_points"] == gain
+    assert (acc["gain_note"] is None) == (gain is not None)
+
+
+def test_training_loss_decrease_reads_the_trend_not_two_single_noisy_logs():
+    steps = [10 * (i + 1) for i in range(len(NOISY_FALL))]
+    summary = _summary(metrics=logged_metrics(steps, NOISY_FALL))
+    assert summary["train_loss"]["decrease_pct"] == pytest.approx(15.41, abs=0.01)  # the single logs: -4.3%
+    assert summary["train_loss"]["first"] == pytest.approx(1.01667, abs=1e-4)
+    assert summary["train_loss"]["window"] == 5
+    assert not any("Raise the learning rate" in r["text"] for r in summary["recommendations"])
+
+
+def test_training_token_accuracy_definition_says_how_trl_averages_it():
+    """TRL's SFTTrainer appends each forward pass's correct/valid ratio and log() averages the list:
+    an unweighted mean of per-batch shares, not a share pooled over the interval's tokens."""
+    text = build_summary(RunRecords())["definitions"]["token_accuracy.train.first"]
+    assert "pooled" not in text
+    assert "unweighted mean" in text and "per batch" in text.replace("-", " ")

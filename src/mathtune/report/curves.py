@@ -19,6 +19,7 @@ SMOOTHING = 5  # trailing rolling mean over this many logged training losses
 ALPHA = 0.05  # significance level of the final-phase slope test
 MIN_POINTS = 5  # fewest logged losses a slope test or a fit is run on
 OVERFIT_RISES = 3  # consecutive validation-loss rises that count as overfitting
+END_TRIM = 0.2  # share cut from each side of a window of logs before averaging (loss_ends)
 
 
 def latest_per_step(records: list[dict]) -> list[dict]:
@@ -39,6 +40,24 @@ def loss_decrease_pct(first: float | None, last: float | None) -> float | None:
     if first is None or last is None or first == 0:
         return None
     return (first - last) / first * 100
+
+
+def loss_ends(values: list[float], fraction: float = FINAL_FRACTION, window: int = SMOOTHING,
+              trim: float = END_TRIM) -> dict:
+    """The loss level at the start and at the end of training: trimmed means of the first and last logs.
+
+    Each log is one batch (or one logging interval), so a single first or last log carries the
+    batch-to-batch noise; comparing two of them reads a true fall as a rise in a sizeable share of
+    runs. Each end is instead the mean of its `window` logs, as the final phase smooths (or the
+    first and last `fraction` of the logs on a long run; at most half the logs each, at least
+    one), after cutting the `trim` share of the highest and lowest values on each side, so that
+    one spike does not decide the figure.
+    """
+    if not values:
+        return {"first": None, "last": None, "window": None}
+    k = max(1, min(len(values) // 2, max(window, math.ceil(fraction * len(values)))))
+    return {"first": float(stats.trim_mean(values[:k], trim)), "last": float(stats.trim_mean(values[-k:], trim)),
+            "window": k}
 
 
 def rolling_mean(values: list[float], window: int = SMOOTHING) -> list[float]:

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
-from mathtune.report.curves import ALPHA, FINAL_FRACTION, MIN_POINTS, OVERFIT_RISES, SMOOTHING
+from mathtune.report.curves import ALPHA, END_TRIM, FINAL_FRACTION, MIN_POINTS, OVERFIT_RISES, SMOOTHING
 from mathtune.report.hard_examples import OUTLIER_Z
 
 
 def definitions() -> dict[str, str]:
     """One sentence per figure saying how it is computed, keyed by its dotted path in the summary."""
     return {
-        "train_loss.first": "Training loss (mean over the loss-bearing tokens of one logging interval) at the first log.",
-        "train_loss.last": "Training loss at the last log.",
-        "train_loss.decrease_pct": "(first - last) / first x 100 of the logged training loss; negative means it rose.",
+        "train_loss.first": f"Training loss at the start: the {END_TRIM:.0%}-trimmed mean of the first "
+        f"train_loss.window logs ({SMOOTHING}, the final phase's smoothing window, or the first {FINAL_FRACTION:.0%} of "
+        "the logs when that is more; at most half of them). Each log is the Trainer's mean of the per-token losses of "
+        "the optimizer steps in its logging interval.",
+        "train_loss.last": f"Training loss at the end: the {END_TRIM:.0%}-trimmed mean of the last train_loss.window logs.",
+        "train_loss.decrease_pct": "(first - last) / first x 100 of those two trimmed means, not of two single noisy "
+        "logs; negative means it rose.",
+        "train_loss.window": "How many logs each end of the training loss averages.",
         "val_loss.first": "Validation loss (token-weighted mean over the validation set) at the first evaluation.",
         "val_loss.best": "Lowest validation loss over all evaluations.",
         "val_loss.last": "Validation loss at the last evaluation.",
@@ -27,8 +32,11 @@ def definitions() -> dict[str, str]:
         "final_phase.still_improving": f"'still improving' when the slope is negative with p < {ALPHA}, else 'flat'.",
         "final_phase.forecast": "Training loss after 1 and 2 more epochs from loss = a + b*ln(step) fitted to the second "
         "half of the curve, with the 95% confidence band of the fit; it extends the curve as it was, schedule included.",
-        "token_accuracy.train.first": "Share of loss-bearing tokens whose greedy prediction equals the reference, "
-        "pooled over the first logging interval.",
+        "token_accuracy.train.first": "Training token accuracy at the first log, as TRL's SFTTrainer logs it: each "
+        "forward pass records the share of its loss-bearing tokens whose greedy prediction equals the reference "
+        "(counts summed over devices; a batch mathtune cuts into pieces records one share), and the log is the "
+        "unweighted mean of these per-batch shares over the logging interval, so a batch with few tokens weighs "
+        "as much as a full one.",
         "token_accuracy.train.last": "The same at the last training log.",
         "token_accuracy.val.first": "Share of the validation set's loss-bearing tokens predicted exactly, at the first evaluation.",
         "token_accuracy.val.last": "The same at the last evaluation.",
@@ -47,7 +55,9 @@ def definitions() -> dict[str, str]:
         "accuracy.base": "Strict exact match of the base model: correct / scored, with a 95% Wilson score interval.",
         "accuracy.tuned": "Strict exact match of the tuned model: correct / scored, with a 95% Wilson score interval.",
         "accuracy.flexible": "Exact match when the last number in the generation is taken as the answer, 95% Wilson interval.",
-        "accuracy.gain_points": "Tuned minus base strict accuracy, in percentage points.",
+        "accuracy.gain_points": "Tuned minus base strict accuracy, in percentage points, on the problems both models "
+        "were scored on (the paired problems, accuracy.gain_n); none when they share no problem.",
+        "accuracy.gain_n": "How many problems the gain is computed on: those whose ids both prediction files hold.",
         "accuracy.paired": "Counts of problems scored for both models by which of them answered correctly (strict).",
         "accuracy.mcnemar_p": "Two-sided exact McNemar test: binomial test of only-base vs only-tuned problems against 50/50.",
         "accuracy.by_steps": "Strict exact match grouped by the number of lines of the gold solution before ####.",

@@ -10,7 +10,7 @@ from __future__ import annotations
 from mathtune import synthetic
 from mathtune.report.cost import cost, throughput
 from mathtune.report.curves import (
-    detect_overfitting, early_stopping, final_phase, generalisation_gap, latest_per_step, loss_decrease_pct,
+    detect_overfitting, early_stopping, final_phase, generalisation_gap, latest_per_step, loss_decrease_pct, loss_ends,
     loss_vs_exact_match, series,
 )
 from mathtune.report.definitions import definitions
@@ -164,7 +164,7 @@ def _training(metrics: list[dict], steps_per_epoch: float | None, missing: list[
 
 def _losses(train_steps: list[int], train_losses: list[float], eval_steps: list[int], eval_losses: list[float]) -> dict:
     """First, last and best training and validation loss, and how far each fell."""
-    train_loss = {**_first_last(train_losses), "first_step": train_steps[0] if train_steps else None,
+    train_loss = {**loss_ends(train_losses), "first_step": train_steps[0] if train_steps else None,
                   "last_step": train_steps[-1] if train_steps else None, "decrease_pct": None}
     if len(train_steps) > 1:
         train_loss["decrease_pct"] = loss_decrease_pct(train_loss["first"], train_loss["last"])
@@ -246,7 +246,7 @@ def _answers(preds: dict, scores: dict, missing: list[str], notes: list[str]) ->
         "base": _model_accuracy(preds["base"], scores["base"], "strict"),
         "tuned": _model_accuracy(preds["tuned"], scores["tuned"], "strict"),
         "flexible": {name: _model_accuracy(preds[name], scores[name], "flexible") for name in ("base", "tuned")},
-        "gain_points": None, "paired": None, "mcnemar_p": None,
+        "gain_points": None, "gain_n": None, "gain_note": None, "paired": None, "mcnemar_p": None,
         "by_steps": {"base": None, "tuned": None},
         "arithmetic_slip_share": {"base": None, "tuned": None},
         "regressions": None,
@@ -266,18 +266,54 @@ def _answers(preds: dict, scores: dict, missing: list[str], notes: list[str]) ->
         if isinstance(expected, int) and len(preds[name]) != expected:
             notes.append(f"eval/{name}/predictions.jsonl holds {len(preds[name])} problems but scores.json says "
                          f"{expected}: the evaluation may be unfinished; figures use the predictions.")
-    if acc["base"]["value"] is not None and acc["tuned"]["value"] is not None:
-        acc["gain_points"] = (acc["tuned"]["value"] - acc["base"]["value"]) * 100
     if preds["base"] and preds["tuned"]:
         correct = {name: {p["id"]: bool(p.get("correct_strict")) for p in preds[name]} for name in ("base", "tuned")}
-        acc["paired"] = _attempt(missing, paired_table, correct["base"], correct["tuned"])
+        try:
+            acc["paired"] = paired_table(correct["base"], correct["tuned"])
+        except NotComputable:
+            acc["paired"] = None
         if acc["paired"]:
             acc["mcnemar_p"] = mcnemar_exact_p(acc["paired"]["only_base"], acc["paired"]["only_tuned"])
             acc["regressions"] = regressions(preds["base"], preds["tuned"])
-            if acc["paired"]["n"] < max(len(correct["base"]), len(correct["tuned"])):
-                notes.append(f"The base and tuned evaluations cover different problems; the paired comparison uses "
-                             f"the {acc['paired']['n']} they share.")
+    acc.update(_gain(acc, preds, scores, missing))
+    if acc["gain_n"] and acc["gain_note"]:
+        notes.append(acc["gain_note"])
     return acc
+
+
+NO_PAIRED_GAIN = "Base and tuned were scored on different problems: no paired gain"
+
+
+def _gain(acc: dict, preds: dict, scores: dict, missing: list[str]) -> dict:
+    """The gain in points on the problems both models were scored on, how many those are, and a note.
+
+    A gain over two different sets of problems measures the sets as much as the tuning, so it is
+    paired: from the predictions, over the ids both files hold; from scores.json alone only when
+    both name the same problems (ids_sha256).
+    """
+    if acc["base"]["value"] is None or acc["tuned"]["value"] is None:
+        return {"gain_points": None, "gain_n": None, "gain_note": None}
+    paired = acc["paired"]
+    if preds["base"] and preds["tuned"]:
+        if paired is None:
+            note = f"{NO_PAIRED_GAIN}: their predictions share no problem id."
+            missing.append(f"{note} The paired table, McNemar's test and the cost per point are not reported.")
+            return {"gain_points": None, "gain_n": 0, "gain_note": note}
+        gain = (paired["only_tuned"] - paired["only_base"]) / paired["n"] * 100
+        note = None
+        if paired["n"] < max(len(preds["base"]), len(preds["tuned"])):
+            note = (f"The gain is computed on the {paired['n']} problems both models were scored on "
+                    f"(base: {len(preds['base'])}, tuned: {len(preds['tuned'])}).")
+        return {"gain_points": gain, "gain_n": paired["n"], "gain_note": note}
+    hashes = [(scores[name] or {}).get("ids_sha256") for name in ("base", "tuned")]
+    if None not in hashes and hashes[0] == hashes[1]:
+        return {"gain_points": (acc["tuned"]["value"] - acc["base"]["value"]) * 100,
+                "gain_n": acc["tuned"]["total"], "gain_note": None}
+    why = ("their scores.json name different problems (ids_sha256)" if None not in hashes else
+           "without both prediction files or both ids_sha256 it cannot be told which problems they share")
+    note = f"{NO_PAIRED_GAIN}: {why}." if None not in hashes else f"No paired gain: {why}."
+    missing.append(note)
+    return {"gain_points": None, "gain_n": None, "gain_note": note}
 
 
 def _robustness(preds: dict, scores: dict, tuned: dict, missing: list[str]) -> dict:
