@@ -30,7 +30,7 @@ PROBLEMS = [
 TRAIN = [{"id": f"train-{i}", "question": p["question"], "answer": p["answer"]} for i, p in enumerate(PROBLEMS)]
 RECORD_FIELDS = {
     "id", "question", "gold", "gold_steps", "generation", "generated_tokens", "pred_strict", "pred_flexible",
-    "correct_strict", "correct_flexible", "arithmetic", "arithmetic_slip",
+    "correct_strict", "correct_flexible", "arithmetic", "arithmetic_slip", "time_s",
 }
 
 
@@ -171,3 +171,28 @@ def test_predictions_of_another_evaluation_are_refused_untouched(tiny, tmp_path,
         run_eval(tiny, tmp_path, problems, label=label)
     assert "predictions.jsonl" in str(error.value) and "another output directory" in str(error.value)
     assert ((tmp_path / "predictions.jsonl").read_bytes(), (tmp_path / "meta.json").read_bytes()) == before
+
+
+def test_generation_time_adds_up_across_interrupted_calls(tmp_path, monkeypatch):
+    """Each problem takes 5 s on a fake clock; the first call dies after two, the second does the other four."""
+    from mathtune import evaluate
+
+    clock = [100.0]
+    monkeypatch.setattr(evaluate.time, "perf_counter", lambda: clock[0])
+
+    def fake_generate(model, tokenizer, prompts, max_new_tokens, batch_size, progress, die_after=None):
+        for index in range(len(prompts)):
+            if index == die_after:
+                raise KeyboardInterrupt
+            clock[0] += 5.0
+            yield index, "It is 7.\n#### 7\n", 3
+
+    monkeypatch.setattr(evaluate, "generate_answers", lambda *a: fake_generate(*a, die_after=2))
+    with pytest.raises(KeyboardInterrupt):
+        run_eval((None, None), tmp_path, PROBLEMS)
+    monkeypatch.setattr(evaluate, "generate_answers", fake_generate)
+    scores = run_eval((None, None), tmp_path, PROBLEMS)
+    assert scores["generated_problems"] == 4
+    assert scores["elapsed_s"] == 30.0  # 6 problems x 5 s, not the second call's 20 s
+    assert scores["problems_per_s"] == pytest.approx(6 / 30) and scores["generated_tokens_per_s"] == pytest.approx(18 / 30)
+    assert run_eval((None, None), tmp_path, PROBLEMS)["elapsed_s"] == 30.0  # a finished evaluation adds nothing

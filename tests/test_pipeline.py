@@ -55,7 +55,7 @@ def test_a_run_with_another_config_is_refused_in_the_same_directory(tiny_run_dir
 
 def test_eval_of_a_run_directory_uses_its_adapter_zero_shot(tiny_run_dir, gsm8k_dir, tmp_path):
     out = tmp_path / "eval"
-    assert main(["eval", "--preset", "tiny", "--model", str(tiny_run_dir), "--data", str(gsm8k_dir),
+    assert main(["eval", "--model", str(tiny_run_dir), "--data", str(gsm8k_dir),
                  "--limit", "3", "--out", str(out)]) == 0
     scores = json.loads((out / "scores.json").read_text())
     assert scores["adapter"].endswith("adapter") and scores["shots"] == 0 and scores["n"] == 3
@@ -79,3 +79,49 @@ def test_a_missing_model_path_is_a_clear_error(tmp_path, gsm8k_dir, capsys):
                  "--limit", "2", "--out", str(tmp_path / "out")])
     assert code == 2
     assert f"model path {tmp_path / 'nowhere'} does not exist" in capsys.readouterr().err
+
+
+# --- `mathtune eval --model RUN_DIR` uses the run's own settings --------------------------------
+
+
+def test_eval_of_a_run_directory_takes_the_runs_settings_with_overrides_on_top(tiny_run_dir, gsm8k_dir, tmp_path):
+    out = tmp_path / "eval"
+    assert main(["eval", "--model", str(tiny_run_dir), "--data", str(gsm8k_dir), "--set", "eval.limit=2",
+                 "--out", str(out)]) == 0
+    scores = json.loads((out / "scores.json").read_text())
+    assert scores["model"] == "tiny-random" and scores["n"] == 2  # the --set override applies
+    assert scores["max_new_tokens"] == 16  # the run's tiny preset, not cpu-demo's 200
+
+
+def test_eval_of_another_split_gets_its_own_directory(tiny_run_dir, gsm8k_dir):
+    tuned = (tiny_run_dir / "eval/tuned/scores.json").read_bytes()
+    assert main(["eval", "--model", str(tiny_run_dir), "--data", str(gsm8k_dir), "--split", "validation",
+                 "--limit", "2"]) == 0
+    scores = json.loads((tiny_run_dir / "eval/tuned-validation/scores.json").read_text())
+    assert scores["split"] == "validation" and scores["n"] == 2
+    assert (tiny_run_dir / "eval/tuned/scores.json").read_bytes() == tuned
+
+
+def test_eval_refuses_problems_the_run_trained_on(tiny_run_dir, gsm8k_dir, tmp_path, capsys):
+    code = main(["eval", "--model", str(tiny_run_dir), "--data", str(gsm8k_dir), "--split", "validation",
+                 "--set", "data.validation_fraction=0.9", "--out", str(tmp_path / "eval")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert str(tiny_run_dir / "data.json") in err and "train_ids" in err
+    assert not (tmp_path / "eval").exists()
+
+
+def test_a_finished_evaluation_is_scored_again_without_loading_the_model(tiny_run_dir, gsm8k_dir, monkeypatch):
+    from mathtune import data, pipeline
+    from mathtune.config import load_config
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded for an evaluation with nothing left to generate")
+
+    monkeypatch.setattr(pipeline, "load_model", no_loading)
+    monkeypatch.setattr(pipeline, "load_tokenizer", no_loading)
+    config = load_config(tiny_run_dir / "config.yaml")
+    before = json.loads((tiny_run_dir / "eval/base/scores.json").read_text())
+    scores = pipeline.run_evaluation(config, data.load_dataset(config.data), tiny_run_dir / "eval/base",
+                                     config.model.name, None, config.eval.shots)
+    assert scores["strict"] == before["strict"] and scores["generated_problems"] == 0

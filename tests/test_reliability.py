@@ -245,6 +245,7 @@ def test_bad_input_is_a_clear_error_that_overwrites_nothing(
     old_run = tmp_path / "runs" / "tiny"  # a run already there, which even --overwrite must keep on bad input
     old_run.mkdir(parents=True)
     (old_run / "config.yaml").write_text(yaml.safe_dump(load_config("tiny").to_dict()))
+    (old_run / "environment.json").write_text('{"mathtune": "0.1.0"}\n')
     (old_run / "metrics.jsonl").write_text('{"kind": "train", "step": 1, "loss": 2.0}\n')
     before = {p: p.read_bytes() for p in old_run.rglob("*")}
 
@@ -263,6 +264,7 @@ def test_run_overwrite_with_a_model_that_does_not_exist_keeps_the_old_run(tmp_pa
     old_run = tmp_path / "runs" / "tiny"
     old_run.mkdir(parents=True)
     (old_run / "config.yaml").write_text(yaml.safe_dump(load_config("tiny").to_dict()))
+    (old_run / "environment.json").write_text('{"mathtune": "0.1.0"}\n')
     (old_run / "report.md").write_text("the old run's report\n")
     before = {p: p.read_bytes() for p in old_run.rglob("*")}
     code = main(["run", "--preset", "tiny", "--output-dir", str(tmp_path / "runs"), "--data", str(gsm8k_dir),

@@ -25,35 +25,61 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace):
     if args.config and args.preset:
         raise ConfigError("give either a config file or --preset, not both")
+    overrides = command_line_overrides(args)
+    if args.name:
+        overrides.append(f"name={args.name}")
+    if args.output_dir:
+        overrides.append(f"output_dir={args.output_dir}")
+    return load_config(args.config or args.preset, overrides)
+
+
+def command_line_overrides(args: argparse.Namespace) -> list[str]:
+    """--set, --data and --skip-invalid as `--set` overrides, in that order."""
     overrides = list(args.overrides)
     if args.data == "synthetic":
         overrides.append("data.source=synthetic")
     elif args.data:
         overrides.append(f"data.path={args.data}")
-    if args.name:
-        overrides.append(f"name={args.name}")
-    if args.output_dir:
-        overrides.append(f"output_dir={args.output_dir}")
     if args.skip_invalid:
         overrides.append("data.skip_invalid=true")
-    return load_config(args.config or args.preset, overrides)
+    return overrides
+
+
+def run_config(run_dir: Path, args: argparse.Namespace):
+    """The config saved in run_dir with the command line's overrides on top, naming run_dir as its directory
+    (the saved output_dir and name are relative to wherever the run was started)."""
+    given = [flag for flag, value in (("a config file", args.config), ("--preset", args.preset),
+                                      ("--name", args.name), ("--output-dir", args.output_dir)) if value]
+    if given:
+        raise ConfigError(
+            f"{run_dir} is a run directory: its settings come from {run_dir / 'config.yaml'} and it is the run's "
+            f"directory, so drop {', '.join(given)} (change a setting with --set section.key=value)."
+        )
+    if not (run_dir / "config.yaml").exists():
+        raise ConfigError(f"{run_dir} has no config.yaml, so it is not a run directory: give the directory of a run")
+    config = load_config(run_dir / "config.yaml", command_line_overrides(args))
+    if config.run_dir.resolve() != run_dir.resolve():
+        located = run_dir if run_dir.name not in ("", ".", "..") else run_dir.resolve()
+        config.output_dir, config.name = str(located.parent), located.name
+        config.check()
+    return config
 
 
 def cmd_train(args: argparse.Namespace) -> None:
     from mathtune.training import train
 
     if args.resume:
-        config = load_config(Path(args.resume) / "config.yaml", args.overrides)
-        train(config, resume=True, merge=args.merge)
+        train(run_config(Path(args.resume), args), resume=True, merge=args.merge)
     else:
         train(config_from_args(args), overwrite=args.overwrite, merge=args.merge)
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
     from mathtune import data as data_module
-    from mathtune.pipeline import resolve_eval_target, run_evaluation
+    from mathtune.pipeline import eval_out_dir, resolve_eval_target, run_dir_of, run_evaluation, run_training_ids
 
-    config = config_from_args(args)
+    run_dir = run_dir_of(args.model)
+    config = run_config(run_dir, args) if run_dir else config_from_args(args)
     base, adapter, default_out = resolve_eval_target(args.model, config)
     if args.split:
         config.eval.split = args.split
@@ -67,13 +93,11 @@ def cmd_eval(args: argparse.Namespace) -> None:
     shots = 0 if adapter else (config.eval.shots if args.shots is None else args.shots)
     dataset = data_module.load_dataset(config.data)
     print(data_module.describe(dataset), flush=True)
-    out = Path(args.out) if args.out else default_out
-    if args.robustness is not None and not args.out:
-        out = out.with_name("robustness-tuned" if adapter else out.name + "-robustness")
-    elif args.split == "validation" and adapter is None:
-        out = out.with_name(out.name + "-validation")
+    robustness = args.robustness is not None
+    out = Path(args.out) if args.out else eval_out_dir(default_out, config.eval.split, robustness, adapter is not None)
     run_evaluation(config, dataset, out, base, adapter, shots,
-                   robustness=config.eval.robustness_size if args.robustness is not None else 0)
+                   robustness=config.eval.robustness_size if robustness else 0,
+                   training_ids=run_training_ids(run_dir) if run_dir else None)
     print(f"Predictions and scores: {out}/predictions.jsonl, {out}/scores.json")
 
 

@@ -169,6 +169,7 @@ class Config:
     speedups: SpeedupsConfig = field(default_factory=SpeedupsConfig)  # each can be switched off to debug or measure
 
     def check(self) -> None:
+        check_run_name(self.name, self.output_dir)
         for section in (self.model, self.data, self.lora, self.train, self.eval):
             section.check()
         if self.train.early_stopping_metric == "eval_exact_match" and self.eval.generate_every != 1:
@@ -183,6 +184,17 @@ class Config:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def check_run_name(name: str, output_dir: str) -> None:
+    """A run name is one path component, so the run directory output_dir/name lies inside output_dir
+    (and `--overwrite` can never reach a folder outside it)."""
+    advice = "use a plain folder name such as `gsm8k-r16` (letters, digits, '-', '_', '.')"
+    if not name or name in (".", "..") or "/" in name or "\\" in name or Path(name).is_absolute():
+        raise ConfigError(f"name must be one folder name inside output_dir, got {name!r}: {advice}")
+    parent = Path(output_dir).resolve()
+    if (parent / name).resolve().parent != parent:  # a symlink named like the run pointing elsewhere
+        raise ConfigError(f"name {name!r}: {Path(output_dir) / name} leads outside output_dir {output_dir}: {advice}")
 
 
 def _positive(key: str, value: float) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -119,6 +119,8 @@ def generate_answers(
     Prompts are batched by token length so that little padding is computed; the text is what
     one-at-a-time `generate(do_sample=False)` gives, cut at the stop point.
     """
+    if not prompts:  # nothing to do: the model is not touched (it may not even be loaded)
+        return
     token_lists = [tokenizer(prompt)["input_ids"] for prompt in prompts]
     order = sorted(range(len(prompts)), key=lambda i: len(token_lists[i]))
     stop_ids = stop_token_ids(model, tokenizer)
@@ -187,12 +189,15 @@ def _check_same_evaluation(out_dir: Path, meta: dict, problems: list[dict]) -> l
 def evaluate_problems(
     model, tokenizer, problems: list[dict], out_dir: Path, *, fewshot_examples: list[dict] | None,
     model_label: str, adapter: str | None = None, split: str = "test", max_new_tokens: int = 256,
-    batch_size: int = 16, progress: bool = True,
+    batch_size: int = 16, progress: bool = True, load: Callable[[], tuple] | None = None,
 ) -> dict:
     """Generate for every problem not yet in out_dir/predictions.jsonl, then write and return scores.json.
 
     Records are appended and flushed as problems finish, so an interrupted evaluation resumes
     where it stopped; a directory that holds another model's or problem set's predictions is refused.
+    With load, the model and tokenizer come from load() (model and tokenizer given as None), called only
+    when some problem is left to generate: a finished evaluation is scored again without loading a model.
+    Each record keeps its share of the generation time (`time_s`), so the time of calls cut short counts.
     """
     out_dir = Path(out_dir)
     examples = fewshot_examples or []
@@ -206,26 +211,35 @@ def evaluate_problems(
     write_json(out_dir / "meta.json", meta)
 
     todo = [p for p in problems if p["id"] not in records]
+    if todo and load is not None:
+        model, tokenizer = load()
     prompts = [fewshot_prompt(p["question"], examples) if examples else format_prompt(p["question"]) for p in todo]
-    start, new_tokens = time.perf_counter(), 0
+    last = time.perf_counter()
     for index, text, n_tokens in generate_answers(model, tokenizer, prompts, max_new_tokens, batch_size, progress):
-        record = score_record(todo[index], text, n_tokens)
+        now = time.perf_counter()
+        record = score_record(todo[index], text, n_tokens) | {"time_s": round(now - last, 4)}
+        last = now
         append_jsonl(out_dir / "predictions.jsonl", record)
         records[record["id"]] = record
-        new_tokens += n_tokens
-    elapsed = time.perf_counter() - start
 
     scores = {
         key: meta[key] for key in ("model", "adapter", "split", "shots", "ids_sha256", "max_new_tokens")
-    } | summarize([records[i] for i in ids]) | {
-        "elapsed_s": round(elapsed, 2),
-        "generated_problems": len(todo),
-        "problems_per_s": len(todo) / elapsed if todo else None,
-        "generated_tokens_per_s": new_tokens / elapsed if todo else None,
-        "hardware": hardware_name(),
-    }
+    } | summarize([records[i] for i in ids]) | {"generated_problems": len(todo)} | generation_speed(
+        [records[i] for i in ids]) | {"hardware": hardware_name()}
     write_json(out_dir / "scores.json", scores)
     return scores
+
+
+def generation_speed(records: list[dict]) -> dict:
+    """elapsed_s: the generation time of all the records, summed over every call that made them
+    (a record written before `time_s` was kept counts 0); problems and tokens per second over it."""
+    elapsed = sum(r.get("time_s", 0) for r in records)
+    tokens = sum(r["generated_tokens"] for r in records)
+    return {
+        "elapsed_s": round(elapsed, 2),
+        "problems_per_s": len(records) / elapsed if elapsed else None,
+        "generated_tokens_per_s": tokens / elapsed if elapsed else None,
+    }
 
 
 def summarize(records: list[dict]) -> dict:

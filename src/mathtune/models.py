@@ -57,7 +57,9 @@ def load_tokenizer(name: str, revision: str | None = None):
 
 
 def check_model(name: str, revision: str | None = None) -> None:
-    """Fail now, with load_model's message, if the model's config cannot be found (no model load)."""
+    """Fail now, with load_model's message, if the model's config, its tokenizer or (for a local directory)
+    its weight files cannot be found: a run checks this before it touches its directory. The weights
+    are not loaded; a Hub model's weight files are only known to be there once load_model has run."""
     from transformers import AutoConfig
 
     path = resolve_model_path(name)
@@ -66,6 +68,21 @@ def check_model(name: str, revision: str | None = None) -> None:
         AutoConfig.from_pretrained(path, revision=revision, local_files_only=offline)
     except OSError as exc:
         raise ModelError(_not_found(name, exc, offline)) from exc
+    check_weights(path)
+    load_tokenizer(name, revision)
+
+
+WEIGHT_FILES = ("*.safetensors", "pytorch_model*.bin", "*.safetensors.index.json", "pytorch_model.bin.index.json")
+
+
+def check_weights(path: str) -> None:
+    """A local model directory must hold weight files (a config and a tokenizer alone are not a model)."""
+    folder = Path(path)
+    if folder.is_dir() and not any(any(folder.glob(pattern)) for pattern in WEIGHT_FILES):
+        raise ModelError(
+            f"model directory {folder} has no weights (no *.safetensors or pytorch_model*.bin file): copy the "
+            "model's weight files into it, or give another model (a Hub id or a complete local directory)"
+        )
 
 
 def load_model(name: str, dtype: str = "auto", revision: str | None = None, adapter: str | Path | None = None):
@@ -74,6 +91,7 @@ def load_model(name: str, dtype: str = "auto", revision: str | None = None, adap
 
     torch_dtype = resolve_dtype(dtype)
     path = resolve_model_path(name, torch_dtype)
+    check_weights(path)
     offline = _offline(path)
     try:
         model = AutoModelForCausalLM.from_pretrained(

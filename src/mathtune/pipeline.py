@@ -13,7 +13,7 @@ from pathlib import Path
 from mathtune import data as data_module
 from mathtune import synthetic
 from mathtune.config import Config, load_config
-from mathtune.evaluate import choose_fewshot_examples, evaluate_problems
+from mathtune.evaluate import EvalError, choose_fewshot_examples, evaluate_problems
 from mathtune.models import (
     ModelError, adapter_base_model, check_model, load_model, load_tokenizer,
 )
@@ -37,24 +37,33 @@ def robustness_seed(config: Config) -> int:
 
 def run_evaluation(
     config: Config, dataset: data_module.Dataset, out_dir: Path, model_name: str,
-    adapter: Path | None, shots: int, robustness: int = 0,
+    adapter: Path | None, shots: int, robustness: int = 0, training_ids: tuple[Path, list[str]] | None = None,
 ) -> dict:
-    """Evaluate on the configured problems, or with robustness=N on N fresh generated problems instead."""
+    """Evaluate on the configured problems, or with robustness=N on N fresh generated problems instead.
+
+    training_ids, (the run's data.json, its train_ids): problems the adapter was trained on are refused.
+    The model is loaded only when some problem is left to generate.
+    """
     problems, train = evaluation_problems(config, dataset)
     split = config.eval.split
     if robustness:
         split = f"synthetic-{robustness_seed(config)}"
         problems = synthetic.generate(robustness, robustness_seed(config))
+    if training_ids:
+        refuse_training_problems(problems, split, *training_ids)
     examples = choose_fewshot_examples(train, shots, config.eval.seed) if shots else None
     kind = f"{model_name} + adapter {adapter}" if adapter else model_name
     print(f"Evaluating {kind} on {len(problems)} {split} problems "
           f"({shots}-shot, greedy, up to {config.eval.max_new_tokens} new tokens)...", flush=True)
-    model = load_model(model_name, config.model.dtype, config.model.revision, adapter=adapter)
-    tokenizer = load_tokenizer(model_name, config.model.revision)
+
+    def load() -> tuple:
+        return (load_model(model_name, config.model.dtype, config.model.revision, adapter=adapter),
+                load_tokenizer(model_name, config.model.revision))
+
     scores = evaluate_problems(
-        model, tokenizer, problems, out_dir, fewshot_examples=examples, model_label=model_name,
+        None, None, problems, out_dir, fewshot_examples=examples, model_label=model_name,
         adapter=str(adapter) if adapter else None, split=split,
-        max_new_tokens=config.eval.max_new_tokens, batch_size=config.eval.batch_size,
+        max_new_tokens=config.eval.max_new_tokens, batch_size=config.eval.batch_size, load=load,
     )
     strict = scores["strict"]
     print(f"  exact match (strict): {strict['correct']}/{strict['total']} = {strict['value']:.1%} "
@@ -62,12 +71,54 @@ def run_evaluation(
     return scores
 
 
+def trained_on(problem_ids: list[str], train_ids: list[str]) -> list[str]:
+    """The problem ids (in order) that are among the training ids."""
+    seen = set(train_ids)
+    return [i for i in problem_ids if i in seen]
+
+
+def refuse_training_problems(problems: list[dict], split: str, data_json: Path, train_ids: list[str]) -> None:
+    """A model scored on problems it was trained on measures memory, not skill: refuse, naming them."""
+    seen = trained_on([p["id"] for p in problems], train_ids)
+    if seen:
+        raise EvalError(
+            f"{len(seen)} of the {len(problems)} {split} problems to score are among the run's training problems "
+            f"(train_ids in {data_json}): {', '.join(seen[:5])}{', ...' if len(seen) > 5 else ''}. The data "
+            "settings given (--data, --set data.*) split the problems differently from the run: evaluate with "
+            "the run's own data settings, or on the test split."
+        )
+
+
+def run_training_ids(run_dir: Path) -> tuple[Path, list[str]] | None:
+    """(data.json, its train_ids) of a run directory, or None where it has none."""
+    record = read_json(run_dir / "data.json")
+    return (run_dir / "data.json", record["train_ids"]) if record and "train_ids" in record else None
+
+
+def eval_out_dir(default: Path, split: str, robustness: bool, tuned: bool) -> Path:
+    """Where `mathtune eval` writes by default: the report's slots (eval/tuned, eval/robustness-tuned) for
+    the test split and robustness, a directory of its own for any other split (eval/tuned-validation)."""
+    if robustness:
+        return default.with_name("robustness-tuned" if tuned else default.name + "-robustness")
+    return default if split == "test" else default.with_name(f"{default.name}-{split}")
+
+
+def run_dir_of(model: str) -> Path | None:
+    """The run directory `mathtune eval --model M` names: M itself, or the run M's adapter directory is in."""
+    path = Path(model)
+    if (path / "adapter" / "adapter_config.json").exists():
+        return path
+    if path.name == "adapter" and (path / "adapter_config.json").exists() and (path.parent / "config.yaml").exists():
+        return path.parent
+    return None
+
+
 def resolve_eval_target(model: str, config: Config) -> tuple[str, Path | None, Path]:
     """(base model, adapter or None, default output directory) for `mathtune eval --model M`."""
     path = Path(model)
-    if (path / "adapter" / "adapter_config.json").exists():  # a run directory
-        run_config = load_config(path / "config.yaml")
-        return run_config.model.name, path / "adapter", path / "eval" / "tuned"
+    run_dir = run_dir_of(model)
+    if run_dir is not None:  # config is the run's own (cli.run_config)
+        return config.model.name, run_dir / "adapter", run_dir / "eval" / "tuned"
     if (path / "adapter_config.json").exists():  # an adapter directory
         return adapter_base_model(path), path, path.parent / "eval" / "tuned"
     if (path / "config.yaml").exists():
@@ -79,23 +130,30 @@ def resolve_eval_target(model: str, config: Config) -> tuple[str, Path | None, P
 def run(config: Config, overwrite: bool = False) -> dict:
     """Base evaluation, training, tuned evaluation and the report, in one run directory."""
     from mathtune.report.render import write_report
-    from mathtune.training import RunDirError, prepare_run_dir, train
+    from mathtune.training import RunDirError, check_run_dir, prepare_run_dir, train, write_run_record
 
     run_dir = config.run_dir
     existing = (run_dir / "config.yaml").exists()
     if existing and not overwrite:
         saved = load_config(run_dir / "config.yaml")
-        if saved.to_dict() != config.to_dict():
+        if settings(saved) != settings(config):
             raise RunDirError(
                 f"{run_dir} holds a run with another configuration. Run `mathtune run {run_dir}/config.yaml` "
                 "to continue it, pass --overwrite to replace it, or choose another --name."
             )
         print(f"Continuing the run in {run_dir}.", flush=True)
-    # bad data or a model that cannot be found fail before the run directory is touched (or --overwrite empties it)
+    # Nothing is deleted before the directory, the data, the split and the model (config, tokenizer, weights;
+    # loaded when --overwrite would replace a run) have passed: even --overwrite keeps the old run on bad input.
+    check_run_dir(run_dir, overwrite=overwrite, resume=not overwrite)
     dataset = data_module.load_dataset(config.data)
+    train_problems, validation_problems = data_module.run_split(config.data, dataset)
     check_model(config.model.name, config.model.revision)
+    if existing and overwrite:  # a Hub model's weights are only known to load once loaded; dropped at once
+        load_model(config.model.name, config.model.dtype, config.model.revision)
     print(data_module.describe(dataset), flush=True)
     prepare_run_dir(run_dir, overwrite=overwrite, resume=existing and not overwrite)
+    if overwrite or not existing:  # the record (and mathtune's marker) from the start; training rewrites it
+        write_run_record(run_dir, config, dataset, train_problems, validation_problems)
     started = time.time()
 
     run_evaluation(config, dataset, run_dir / "eval" / "base", config.model.name, None, config.eval.shots)
@@ -110,3 +168,8 @@ def run(config: Config, overwrite: bool = False) -> dict:
     print(f"Done in {(time.time() - started) / 60:.1f} min. Report: {run_dir / 'report.html'} "
           f"(also report.md, summary.json)", flush=True)
     return summary
+
+
+def settings(config: Config) -> dict:
+    """A config's settings apart from where its directory is (the same run may be named from another folder)."""
+    return {k: v for k, v in config.to_dict().items() if k not in ("output_dir", "name")}

@@ -8,6 +8,6 @@ configs. rundir: the run directory's files. result: train_result.json.
 
 from mathtune.training.callbacks import TrainingDiverged
 from mathtune.training.recipe import train
-from mathtune.training.rundir import RunDirError, prepare_run_dir
+from mathtune.training.rundir import RunDirError, check_run_dir, prepare_run_dir, write_run_record
 
-__all__ = ["RunDirError", "TrainingDiverged", "prepare_run_dir", "train"]
+__all__ = ["RunDirError", "TrainingDiverged", "check_run_dir", "prepare_run_dir", "train", "write_run_record"]

@@ -23,8 +23,8 @@ from mathtune.training.batches import as_dataset, tokenize_split
 from mathtune.training.callbacks import make_callbacks
 from mathtune.training.result import train_result
 from mathtune.training.rundir import (
-    METRICS, last_checkpoint, prepare_run_dir, read_metrics, save_adapter, save_merged, step_of, trim_metrics_after,
-    write_run_record,
+    METRICS, check_run_dir, last_checkpoint, prepare_run_dir, read_metrics, save_adapter, save_merged, step_of,
+    trim_metrics_after, write_run_record,
 )
 from mathtune.training.settings import lora_config, sft_config
 from mathtune.training.trainer import MathTuneTrainer
@@ -38,12 +38,16 @@ def train(config: Config, overwrite: bool = False, resume: bool = False, merge: 
     speedups.apply_process_settings()  # before the first large tensor (mathtune's command line applies them too)
     state = PartialState(cpu=not torch.cuda.is_available())  # cpu: gloo data parallelism when launched on CPUs
     run_dir = config.run_dir
-    # Bad data or a model that cannot be found fail here, before the run directory is touched.
+    # A directory that may not be used, bad data, or a model (config, tokenizer, weights) that cannot be
+    # loaded fail here, before the run directory is touched: even --overwrite keeps the old run.
+    check_run_dir(run_dir, overwrite=overwrite, resume=resume)
     dataset = data_module.load_dataset(config.data)
     train_problems, validation_problems = data_module.run_split(config.data, dataset)
     tokenizer = load_tokenizer(config.model.name, config.model.revision)
     train_examples, validation_examples, dropped = tokenize_split(
         train_problems, validation_problems, tokenizer, config.data.max_length)
+    dtype = resolve_dtype(config.model.dtype)
+    model = load_model(config.model.name, config.model.dtype, config.model.revision)
     if state.is_main_process:
         prepare_run_dir(run_dir, overwrite=overwrite, resume=resume)
         write_run_record(run_dir, config, dataset, train_problems, validation_problems)
@@ -51,8 +55,6 @@ def train(config: Config, overwrite: bool = False, resume: bool = False, merge: 
     state.wait_for_everyone()
     checkpoint, logged = resume_point(run_dir, resume, state)
 
-    dtype = resolve_dtype(config.model.dtype)
-    model = load_model(config.model.name, config.model.dtype, config.model.revision)
     model.train()  # threads: Accelerate gives each CPU process its share of the cores
     set_seed(config.train.seed)  # the LoRA weights' starting values, before SFTTrainer wraps the model
     start = time.time() - (logged[-1]["elapsed_s"] if logged else 0)  # a resumed run's clock goes on

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from mathtune import __version__
 from mathtune.config import Config
 from mathtune.data import Dataset
 from mathtune.hardware import hardware_name
@@ -26,23 +27,48 @@ from mathtune.speedups.memory import release_free_heap
 COUNTERS = "mathtune_counters.json"  # in each checkpoint: the counts the Trainer does not keep
 METRICS = "metrics.jsonl"
 EXAMPLE_LOSSES = "example_losses.jsonl"
+MARKER = "mathtune"  # environment.json's key holding mathtune's version: the sign of a mathtune run directory
 
 
 class RunDirError(ValueError):
     """The output directory holds another run; the message says how to proceed."""
 
 
-def prepare_run_dir(run_dir: Path, overwrite: bool = False, resume: bool = False) -> None:
-    """Refuse to mix two runs in one directory unless the user asks for it."""
+def check_run_dir(run_dir: Path, overwrite: bool = False, resume: bool = False) -> bool:
+    """Whether run_dir holds a run; raises where it may not be used as asked. Nothing is changed.
+
+    `--overwrite` only ever deletes a directory that mathtune wrote (its environment.json carries the
+    MARKER key), never a folder that merely holds a config.yaml.
+    """
     holds_run = (run_dir / "config.yaml").exists()
     if holds_run and not (overwrite or resume):
         raise RunDirError(
             f"{run_dir} already holds a run. Pass --resume to continue it, --overwrite to replace it, "
             "or choose another --name / output_dir."
         )
-    if holds_run and overwrite:
+    if holds_run and overwrite and not is_mathtune_run(run_dir):
+        raise RunDirError(
+            f"{run_dir} does not look like a mathtune run directory (its environment.json has no {MARKER!r} "
+            "key), so --overwrite will not delete it. Choose another --name / --output-dir, or move or delete "
+            "that folder yourself if it is yours to lose."
+        )
+    return holds_run
+
+
+def prepare_run_dir(run_dir: Path, overwrite: bool = False, resume: bool = False) -> None:
+    """Refuse to mix two runs in one directory unless the user asks for it; with overwrite, empty it."""
+    if check_run_dir(run_dir, overwrite=overwrite, resume=resume) and overwrite:
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+
+
+def is_mathtune_run(run_dir: Path) -> bool:
+    """True when run_dir's environment.json was written by mathtune (it carries the MARKER key)."""
+    try:
+        environment = read_json(run_dir / "environment.json")
+    except (OSError, ValueError):
+        return False
+    return isinstance(environment, dict) and MARKER in environment
 
 
 # --- what the run was ---------------------------------------------------------------------------
@@ -71,6 +97,7 @@ def environment_info(config: Config) -> dict:
     except (OSError, subprocess.SubprocessError):
         commit = None
     return {
+        MARKER: __version__,
         "python": sys.version.split()[0],
         "packages": {
             "torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
