@@ -125,3 +125,11 @@ def test_a_finished_evaluation_is_scored_again_without_loading_the_model(tiny_ru
     scores = pipeline.run_evaluation(config, data.load_dataset(config.data), tiny_run_dir / "eval/base",
                                      config.model.name, None, config.eval.shots)
     assert scores["strict"] == before["strict"] and scores["generated_problems"] == 0
+
+
+def test_a_preset_given_with_a_run_directory_is_not_used(tiny_run_dir, gsm8k_dir, tmp_path, capsys):
+    out = tmp_path / "eval"
+    assert main(["eval", "--preset", "cpu-demo", "--model", str(tiny_run_dir), "--data", str(gsm8k_dir),
+                 "--limit", "1", "--out", str(out)]) == 0
+    assert "--preset cpu-demo is not used" in capsys.readouterr().err
+    assert json.loads((out / "scores.json").read_text())["max_new_tokens"] == 16

@@ -48,13 +48,12 @@ def command_line_overrides(args: argparse.Namespace) -> list[str]:
 def run_config(run_dir: Path, args: argparse.Namespace):
     """The config saved in run_dir with the command line's overrides on top, naming run_dir as its directory
     (the saved output_dir and name are relative to wherever the run was started)."""
-    given = [flag for flag, value in (("a config file", args.config), ("--preset", args.preset),
-                                      ("--name", args.name), ("--output-dir", args.output_dir)) if value]
-    if given:
-        raise ConfigError(
-            f"{run_dir} is a run directory: its settings come from {run_dir / 'config.yaml'} and it is the run's "
-            f"directory, so drop {', '.join(given)} (change a setting with --set section.key=value)."
-        )
+    moved = [flag for flag, value in (("--name", args.name), ("--output-dir", args.output_dir)) if value]
+    if moved:
+        raise ConfigError(f"{run_dir} is the run's directory: drop {' and '.join(moved)}")
+    if args.config or args.preset:
+        print(f"note: {args.config or '--preset ' + args.preset} is not used: the settings of a run come from "
+              f"{run_dir / 'config.yaml'} (change one with --set section.key=value)", file=sys.stderr)
     if not (run_dir / "config.yaml").exists():
         raise ConfigError(f"{run_dir} has no config.yaml, so it is not a run directory: give the directory of a run")
     config = load_config(run_dir / "config.yaml", command_line_overrides(args))
