@@ -1,9 +1,10 @@
 """Evaluation: fast batched greedy generation, predictions.jsonl that survives a crash, and scores.json.
 
-Generation is our own decoding loop rather than `model.generate`: generate keeps finished rows in
-the batch until the longest one ends, and it has no per-row stop on a completed `#### N` line, so a
-base model that goes on to invent the next question would run to max_new_tokens every time.
-Here each row stops as soon as its answer is complete and leaves the batch and the KV cache.
+Generation is mathtune.generation's batched greedy decoding rather than `model.generate`: generate
+keeps finished rows in the batch until the longest one ends, recomputes the few-shot examples for
+every prompt, and has no per-row stop on a completed `#### N` line, so a base model that goes on to
+invent the next question would run to max_new_tokens every time. Here each row stops as soon as its
+answer is complete and hands its slot to the next problem.
 """
 
 from __future__ import annotations
@@ -16,18 +17,19 @@ from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
-from transformers import DynamicCache
 
 from mathtune.report.stats import NotComputable, accuracy, accuracy_by_steps, arithmetic_slip_share
 from mathtune.answers import (
     check_arithmetic, count_reasoning_steps, extract_answer, gold_answer, has_arithmetic_slip, is_correct,
 )
 from mathtune.data import fewshot_prompt, format_prompt, seeded_subset
+from mathtune.generation import greedy_decode
 from mathtune.hardware import hardware_name
 from mathtune.runfiles import append_jsonl, read_json, read_jsonl, write_json
 
 ANSWER_DONE = re.compile(r"####[^\n]*\d[^\n]*\n")  # a `#### N` line ended by a newline
 NEW_QUESTION = re.compile(r"\n+Question:")
+TRIGGER_CHARS = "\n:"  # a stop pattern can only be completed by a token holding one of these
 
 
 class EvalError(ValueError):
@@ -59,79 +61,44 @@ def stop_token_ids(model, tokenizer) -> set[int]:
     return set(eos) if isinstance(eos, list) else {eos}
 
 
-@torch.inference_mode()
-def _next_tokens(model, input_ids, attention_mask, position_ids, cache) -> list[int]:
-    """Each row's greedy next token, the cache extended by the inputs.
-
-    The logits are computed as W @ h.T rather than by the model's head (h @ W.T): with a few rows
-    and Gemma's 262k-row vocabulary this is faster on a CPU, as W is not repacked. What a model does
-    to its logits after the head (soft-capping, scaling) is monotone, so it leaves the argmax alone.
-    """
-    hidden = model.get_decoder()(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-        past_key_values=cache, use_cache=True,
-    ).last_hidden_state[:, -1]
-    head = model.get_output_embeddings()
-    if type(head) is torch.nn.Linear and head.bias is None:  # not an adapter-wrapped head
-        return (head.weight @ hidden.T).argmax(0).tolist()
-    return head(hidden).argmax(-1).tolist()
+_TRIGGERS: dict[tuple, frozenset[int]] = {}
 
 
-def _generate_batch(model, tokenizer, token_lists: list[list[int]], max_new_tokens: int, stop_ids: set[int]):
-    """Greedy decoding of one left-padded batch; yields (row, text, n_tokens) as each row finishes."""
-    device = model.device
-    width = max(len(ids) for ids in token_lists)
-    pads = [width - len(ids) for ids in token_lists]
-    input_ids = torch.tensor([[tokenizer.pad_token_id] * p + ids for p, ids in zip(pads, token_lists)], device=device)
-    attention_mask = torch.tensor([[0] * p + [1] * (width - p) for p in pads], device=device)
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    cache = DynamicCache(config=model.config)
-    rows = list(range(len(token_lists)))  # the batch row each live cache row belongs to
-    generated = [[] for _ in token_lists]
-    for step in range(max_new_tokens):
-        tokens = _next_tokens(model, input_ids, attention_mask, position_ids, cache)
-        keep = []
-        for live, (row, token) in enumerate(zip(rows, tokens)):
-            generated[row].append(token)
-            text = tokenizer.decode(generated[row], skip_special_tokens=True)
-            if token in stop_ids or finished(text) or step == max_new_tokens - 1:
-                yield row, cut_generation(text), len(generated[row])
-            else:
-                keep.append(live)
-        if not keep:
-            return
-        if len(keep) < len(rows):
-            index = torch.tensor(keep, device=device)
-            cache.batch_select_indices(index)
-            attention_mask, position_ids = attention_mask[index], position_ids[index]
-            rows = [rows[i] for i in keep]
-            tokens = [tokens[i] for i in keep]
-        input_ids = torch.tensor(tokens, device=device)[:, None]
-        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(rows), 1)], dim=-1)
-        position_ids = position_ids[:, -1:] + 1
+def trigger_ids(tokenizer, chars: str) -> frozenset[int]:
+    """The ids whose text holds one of `chars`: only such a token can complete a stop pattern, so the
+    row's text is decoded and checked after these alone. Decoding the whole vocabulary takes seconds,
+    so it is done once per tokenizer."""
+    key = (tokenizer.name_or_path, len(tokenizer), chars)
+    if key not in _TRIGGERS:
+        texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))], skip_special_tokens=True)
+        _TRIGGERS[key] = frozenset(i for i, text in enumerate(texts) if any(c in text for c in chars))
+    return _TRIGGERS[key]
 
 
 def generate_answers(
-    model, tokenizer, prompts: list[str], max_new_tokens: int = 256, batch_size: int = 16, progress: bool = True
+    model, tokenizer, prompts: list[str], max_new_tokens: int = 256, batch_size: int | None = None,
+    progress: bool = True,
 ) -> Iterator[tuple[int, str, int]]:
     """Greedy generations as (prompt index, text, generated token count), in the order they finish.
 
-    Prompts are batched by token length so that little padding is computed; the text is what
-    one-at-a-time `generate(do_sample=False)` gives, cut at the stop point.
+    The text is what one-at-a-time `generate(do_sample=False)` gives, cut at the stop point; the
+    prompts' common prefix (the few-shot examples) is computed once and rows are batched continuously
+    (mathtune.generation). batch_size: rows decoded at once, None to choose from the model and memory.
     """
     if not prompts:  # nothing to do: the model is not touched (it may not even be loaded)
         return
-    token_lists = [tokenizer(prompt)["input_ids"] for prompt in prompts]
-    order = sorted(range(len(prompts)), key=lambda i: len(token_lists[i]))
-    stop_ids = stop_token_ids(model, tokenizer)
+    token_lists = tokenizer(prompts)["input_ids"]
+
+    def done(ids: list[int]) -> bool:
+        return finished(tokenizer.decode(ids, skip_special_tokens=True))
+
     with tqdm(total=len(prompts), unit="problem", desc="generating", disable=not progress) as bar:
-        for start in range(0, len(order), batch_size):
-            batch = order[start : start + batch_size]
-            for row, text, n_tokens in _generate_batch(
-                model, tokenizer, [token_lists[i] for i in batch], max_new_tokens, stop_ids
-            ):
-                bar.update()
-                yield batch[row], text, n_tokens
+        for index, ids in greedy_decode(
+            model, token_lists, max_new_tokens=max_new_tokens, stop_ids=stop_token_ids(model, tokenizer),
+            finished=done, triggers=trigger_ids(tokenizer, TRIGGER_CHARS), slots=batch_size,
+        ):
+            bar.update()
+            yield index, cut_generation(tokenizer.decode(ids, skip_special_tokens=True)), len(ids)
 
 
 # --- evaluation ---------------------------------------------------------------------------------

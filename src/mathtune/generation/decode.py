@@ -1,0 +1,191 @@
+"""Greedy decoding of many prompts at once: a shared prefix computed once, and continuous batching.
+
+A batch has a fixed number of slots. A row that stops hands its slot to the next waiting prompt
+instead of the batch draining down to its slowest row (continuous batching, as vLLM and TGI do);
+waiting prompts are prefilled a group at a time, attending to the prefix all prompts share
+(shared_prefix), and join the decoding batch. Live rows always fill the first slots, so a step
+reads its rows' keys as one slice: when a row stops, the last live row moves into its slot.
+
+A row stops on an end-of-sequence id, at max_new_tokens, or when `finished(generated_ids)` says
+so; that check (which decodes the row's text) runs only after a token in `triggers`, the tokens
+whose text can complete a stop pattern, not after every token.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+
+from mathtune.generation.head import greedy_tokens, plain_head
+from mathtune.generation.shared_prefix import NAME, SlotKV, Step, UnsupportedModel
+
+PREFILL_TOKENS = 4096  # padded prompt tokens per prefill call: bounds its attention scores' memory
+SLOTS_CAP = {"cpu": 64, "cuda": 256}  # beyond these a step's matrix products are no more efficient
+MEMORY_SHARE = 0.25  # the share of free memory the slots' KV cache may take
+
+
+@dataclass
+class Row:
+    index: int  # the prompt's position in the caller's list
+    own: list[int]  # the prompt's tokens after the shared prefix
+    generated: list[int] = field(default_factory=list)
+
+    @property
+    def cached(self) -> int:
+        """Tokens of this row in its slot: its own prompt and all generated tokens but the last (the next input)."""
+        return len(self.own) + max(len(self.generated) - 1, 0)
+
+
+def common_prefix_length(token_lists: list[list[int]]) -> int:
+    """The number of tokens every prompt starts with, leaving each prompt at least one token of its own."""
+    shortest = min(len(ids) for ids in token_lists)
+    first = token_lists[0]
+    for position in range(shortest - 1):
+        if any(ids[position] != first[position] for ids in token_lists):
+            return position
+    return shortest - 1
+
+
+def kv_bytes_per_token(config, dtype: torch.dtype) -> int:
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    element = torch.finfo(dtype).bits // 8
+    return config.num_hidden_layers * 2 * config.num_key_value_heads * head_dim * element
+
+
+def choose_slots(n_prompts: int, bytes_per_row: int, device: torch.device, free_bytes: int | None = None) -> int:
+    """Rows decoded at once: as many as help the device's matrix products (SLOTS_CAP), no more than the
+    prompts, and no more than MEMORY_SHARE of free memory holds."""
+    if free_bytes is None:
+        free_bytes = free_memory(device)
+    by_memory = max(1, int(free_bytes * MEMORY_SHARE) // max(bytes_per_row, 1))
+    return max(1, min(n_prompts, SLOTS_CAP.get(device.type, SLOTS_CAP["cuda"]), by_memory))
+
+
+def free_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return 8 << 30
+
+
+@contextmanager
+def shared_prefix_attention(model):
+    """The model's attention runs through shared_prefix's function while decoding, and is restored after."""
+    config = model.config
+    previous = config._attn_implementation
+    config._attn_implementation = NAME
+    try:
+        yield
+    finally:
+        config._attn_implementation = previous
+
+
+@torch.inference_mode()
+def _forward(model, kv: SlotKV, first: int, start: list[int], inputs: list[list[int]]) -> list[int]:
+    """Runs slots first..first+len(inputs)-1 on their new tokens, after the `start` tokens each already
+    holds; returns each row's next token."""
+    device = kv.layers[0].k.device
+    length = max(len(ids) for ids in inputs)
+    ids = torch.tensor([ids + [0] * (length - len(ids)) for ids in inputs], device=device)
+    step = Step(kv, first, torch.tensor(start, device=device), length)
+    hidden = model.get_decoder()(
+        input_ids=ids, position_ids=step.positions(), use_cache=False, mathtune_step=step,
+    ).last_hidden_state
+    if step.calls != len(kv.layers):
+        raise UnsupportedModel(
+            f"{type(model).__name__}'s attention does not go through transformers' AttentionInterface "
+            f"({step.calls} of {len(kv.layers)} layers did): batched evaluation cannot decode it"
+        )
+    last = torch.tensor([len(x) - 1 for x in inputs], device=device)
+    hidden = hidden[torch.arange(len(inputs), device=device), last]
+    weight = plain_head(model)
+    if weight is not None:
+        return greedy_tokens(weight, hidden).tolist()
+    return model.get_output_embeddings()(hidden).argmax(-1).tolist()
+
+
+def greedy_decode(
+    model, token_lists: list[list[int]], *, max_new_tokens: int, stop_ids: set[int],
+    finished: Callable[[list[int]], bool], triggers: set[int] | None = None, slots: int | None = None,
+) -> Iterator[tuple[int, list[int]]]:
+    """Yields (prompt index, generated ids) for every prompt, in the order rows stop.
+
+    The ids are what one-at-a-time greedy `generate` produces, up to the stop (in float32 exactly;
+    in bfloat16 a batch's different shapes can round a near-tie the other way). triggers: the ids after
+    which `finished` is checked (None: after every token).
+    """
+    if not token_lists:
+        return
+    config, device, dtype = model.config, model.device, model.dtype
+    prefix_len = common_prefix_length(token_lists)
+    pending = deque(sorted(
+        (Row(i, ids[prefix_len:]) for i, ids in enumerate(token_lists)), key=lambda row: len(row.own)
+    ))
+    capacity = max(len(row.own) for row in pending) + max_new_tokens
+    if slots is None:
+        slots = choose_slots(len(token_lists), capacity * kv_bytes_per_token(config, dtype), device)
+    slots = min(slots, len(token_lists))
+    refill_at = max(1, slots // 8)  # free slots that make a prefill call worth its overhead
+
+    with shared_prefix_attention(model):
+        prefix = None
+        if prefix_len:
+            prefix = SlotKV.empty(config, 1, prefix_len, dtype, device)
+            _forward(model, prefix, 0, [0], [token_lists[0][:prefix_len]])
+        kv = SlotKV.empty(config, slots, capacity, dtype, device, prefix=prefix, prefix_len=prefix_len)
+        del prefix
+        live: list[Row] = []
+        while live or pending:
+            if pending and (slots - len(live) >= refill_at or not live):
+                joining = [pending.popleft() for _ in range(min(slots - len(live), len(pending)))]
+                tokens = []
+                for group in _prefill_groups(joining):
+                    tokens += _forward(model, kv, len(live) + len(tokens), [0] * len(group), [row.own for row in group])
+                rows, first = joining, len(live)
+                live += joining
+            else:
+                rows, first = live, 0
+                tokens = _forward(model, kv, 0, [row.cached for row in live], [row.generated[-1:] for row in live])
+            done = []
+            for position, (row, token) in enumerate(zip(rows, tokens), start=first):
+                row.generated.append(token)
+                if (token in stop_ids or len(row.generated) >= max_new_tokens
+                        or ((triggers is None or token in triggers) and finished(row.generated))):
+                    done.append(position)
+            for position in done:
+                yield live[position].index, live[position].generated
+            if done:
+                live = _close_holes(kv, live, done)
+
+
+def _prefill_groups(rows: list[Row]) -> Iterator[list[Row]]:
+    """Consecutive groups of rows whose padded prompt tokens stay within PREFILL_TOKENS."""
+    group: list[Row] = []
+    for row in rows:
+        if group and (len(group) + 1) * max(len(row.own), max(len(r.own) for r in group)) > PREFILL_TOKENS:
+            yield group
+            group = []
+        group.append(row)
+    if group:
+        yield group
+
+
+def _close_holes(kv: SlotKV, live: list[Row], done: list[int]) -> list[Row]:
+    """Drops the stopped rows; the last live rows move into their slots so that the live ones stay first."""
+    stopped = set(done)
+    keep = len(live) - len(stopped)
+    holes = [p for p in done if p < keep]
+    movers = [p for p in range(keep, len(live)) if p not in stopped]
+    if holes:
+        kv.move_slots(movers, holes, max(live[p].cached for p in movers) + 1)
+    rows = list(live)
+    for hole, mover in zip(holes, movers):
+        rows[hole] = live[mover]
+    return rows[:keep]
