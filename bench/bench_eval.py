@@ -1,86 +1,125 @@
-"""Evaluation speed: one-at-a-time `model.generate` against our batched `generate_answers`.
+"""Evaluation speed at full scale: one-at-a-time `model.generate` against `mathtune eval`.
 
-Both decode greedily the same zero-shot prompts of the first N GSM8K test problems on the packaged
-Gemma 3 270M. The last line reads `speedup=<x> agree=<k>/<n>`: the ratio of problems per second,
-and on how many problems the two give the same strict answer.
+The packaged Gemma 3 270M decodes greedily the same seeded GSM8K test problems (those `mathtune eval`
+picks with eval.seed), base model, 8-shot:
+  (a) the first 24 of them one at a time with `model.generate`, until EOS or max_new_tokens, each
+      text then cut at the stop point, as a first script would;
+  (b) `mathtune eval` (pipeline.run_evaluation) on all N (default 200): the few-shot prefix computed
+      once, continuous batching, the stop check on the answer line;
+  (c) the same N problems zero-shot, as a tuned model is asked (speed only).
+It checks that (b)'s extracted answers equal (a)'s on the 24 and counts the texts identical up to
+the stop point; prints problems/s and generated tokens/s for each, the fraction of the machine's
+limit (FLOPs the work needs at least, over the matrix-multiply peak measured in this run), the
+projected minutes for all 1,319 test problems, and last
+`speedup=<x> problems_per_s=<y> agree=<a>/<b> full_test_min=<z>` (b over a; b; 8-shot).
 
-    PYTHONPATH=src .venv/bin/python bench/bench_eval.py --n 24
+    make bench-eval            # or: PYTHONPATH=src .venv/bin/python bench/bench_eval.py --n 200
 """
 
 from __future__ import annotations
 
 import argparse
-import os
+import tempfile
 import time
 from pathlib import Path
 
 import torch
+from bench_train import matmul_peak_gflops
 
+from mathtune import data as data_module
 from mathtune.answers import extract_answer
-from mathtune.data import format_prompt, read_problems
-from mathtune.evaluate import cut_generation, generate_answers
-from mathtune.models import load_model, load_tokenizer
+from mathtune.config import load_config
+from mathtune.data import fewshot_prompt
+from mathtune.evaluate import choose_fewshot_examples, cut_generation
+from mathtune.models import PACKAGED_GEMMA, load_model, load_tokenizer
+from mathtune.pipeline import evaluation_problems, run_evaluation
+from mathtune.runfiles import read_jsonl
 
-DATA = Path(os.environ.get("MATHTUNE_DATA") or Path(__file__).resolve().parents[1].parent / "shared/data/gsm8k")
+FULL_TEST = 1319
 
 
-def one_at_a_time(model, tokenizer, prompts: list[str], max_new_tokens: int) -> tuple[list[str], int]:
-    """What a first script does: generate for each prompt alone until EOS or max_new_tokens."""
-    texts, n_tokens = [], 0
+def one_at_a_time(model, tokenizer, prompts: list[str], max_new_tokens: int) -> tuple[list[str], int, int]:
+    """generate on each prompt alone; the whole texts, generated tokens and prompt tokens."""
+    texts, generated, prompt_tokens = [], 0, 0
     for prompt in prompts:
         inputs = tokenizer(prompt, return_tensors="pt").to(model.device)
         new = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)[0, inputs["input_ids"].shape[1]:]
-        texts.append(cut_generation(tokenizer.decode(new, skip_special_tokens=True)))
-        n_tokens += len(new)
-    return texts, n_tokens
+        texts.append(tokenizer.decode(new, skip_special_tokens=True))
+        generated += len(new)
+        prompt_tokens += inputs["input_ids"].shape[1]
+    return texts, generated, prompt_tokens
 
 
-def batched(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int) -> tuple[list[str], int]:
-    texts, n_tokens = [""] * len(prompts), 0
-    for index, text, n in generate_answers(model, tokenizer, prompts, max_new_tokens, batch_size, progress=False):
-        texts[index] = text
-        n_tokens += n
-    return texts, n_tokens
+def flops_per_token(model) -> tuple[float, float]:
+    """Matrix-product FLOPs of one token through the decoder (no attention scores) and through the LM head."""
+    embedding = model.get_input_embeddings().weight
+    decoder = sum(p.numel() for p in model.get_decoder().parameters()) - embedding.numel()
+    return 2.0 * decoder, 2.0 * embedding.numel()
 
 
-def timed(label: str, run) -> tuple[list[str], float]:
-    """Runs `run`, prints its speed, returns its texts and problems per second."""
-    start = time.perf_counter()
-    texts, n_tokens = run()
-    elapsed = time.perf_counter() - start
-    n = len(texts)
-    print(f"{label}: {n} problems in {elapsed:.1f}s, {n / elapsed:.3f} problems/s, "
-          f"{n_tokens} generated tokens, {n_tokens / elapsed:.1f} tokens/s", flush=True)
-    return texts, n / elapsed
+def report(label: str, n: int, seconds: float, generated: int, work_flops: float, peak: float) -> float:
+    rate = n / seconds
+    print(f"{label}: {n} problems in {seconds:.1f} s, {rate:.3f} problems/s, {generated / seconds:.1f} generated "
+          f"tokens/s, {work_flops / seconds / 1e9:.1f} GFLOP/s = {work_flops / seconds / 1e9 / peak:.1%} of the "
+          f"measured peak", flush=True)
+    return rate
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--n", type=int, default=24)
-    parser.add_argument("--batch-size", type=int, default=24)
+    parser.add_argument("--n", type=int, default=200, help="problems for mathtune eval")
+    parser.add_argument("--one-at-a-time", type=int, default=24, help="problems for model.generate")
+    parser.add_argument("--shots", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--dtype", default="auto", help="auto: bfloat16 where the hardware has it, else float32")
-    parser.add_argument("--threads", type=int, help="torch CPU threads (1 is steadier on a CPU shared with other jobs)")
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
 
-    problems = read_problems(DATA / "test.jsonl", "test")[0][: args.n]
-    prompts = [format_prompt(p["question"]) for p in problems]
-    model, tokenizer = load_model("gemma-3-270m", dtype=args.dtype), load_tokenizer("gemma-3-270m")
-    print(f"{len(prompts)} problems, {model.dtype}, {model.device}, max_new_tokens={args.max_new_tokens}, "
-          f"batch_size={args.batch_size}, threads={torch.get_num_threads()}", flush=True)
+    overrides = [f"model.name={PACKAGED_GEMMA}", f"model.dtype={args.dtype}", f"eval.limit={args.n}",
+                 f"eval.shots={args.shots}", f"eval.max_new_tokens={args.max_new_tokens}"]
+    config = load_config("cpu-demo", overrides)
+    dataset = data_module.load_dataset(config.data)
+    problems, train = evaluation_problems(config, dataset)
+    examples = choose_fewshot_examples(train, args.shots, config.eval.seed)
+    model, tokenizer = load_model(PACKAGED_GEMMA, args.dtype), load_tokenizer(PACKAGED_GEMMA)
+    peak = matmul_peak_gflops(model.dtype, model.device.type)
+    decoder_flops, head_flops = flops_per_token(model)
+    print(f"{len(problems)} GSM8K test problems (seed {config.eval.seed}), {args.shots}-shot, {model.dtype}, "
+          f"{model.device}, max_new_tokens={args.max_new_tokens}, threads={torch.get_num_threads()}; "
+          f"measured matrix-multiply peak {peak:.1f} GFLOP/s; per token {decoder_flops / 1e9:.3f} GFLOP decoder, "
+          f"{head_flops / 1e9:.3f} GFLOP head", flush=True)
+
+    first = problems[: args.one_at_a_time]
+    prompts = [fewshot_prompt(p["question"], examples) for p in first]
     one_at_a_time(model, tokenizer, prompts[:1], 4)  # warm-up, so neither side pays for first-call setup
+    start = time.perf_counter()
+    base_texts, generated, prompt_tokens = one_at_a_time(model, tokenizer, prompts, args.max_new_tokens)
+    seconds = time.perf_counter() - start
+    work = prompt_tokens * decoder_flops + generated * (decoder_flops + head_flops)
+    base_rate = report("(a) one at a time (generate)", len(first), seconds, generated, work, peak)
+    del model
 
-    max_new = args.max_new_tokens
-    base_texts, base_rate = timed("one at a time (generate)", lambda: one_at_a_time(model, tokenizer, prompts, max_new))
-    ours_texts, ours_rate = timed(
-        "batched (generate_answers)", lambda: batched(model, tokenizer, prompts, max_new, args.batch_size)
-    )
-    agree = sum(extract_answer(a) == extract_answer(b) for a, b in zip(base_texts, ours_texts))
-    same = sum(a.startswith(b) for a, b in zip(base_texts, ours_texts))
-    print(f"same text up to the stop point: {same}/{len(prompts)}")
-    print(f"speedup={ours_rate / base_rate:.1f} agree={agree}/{len(prompts)}")
+    rates = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for label, shots in ((f"(b) mathtune eval, {args.shots}-shot", args.shots), ("(c) mathtune eval, 0-shot", 0)):
+            out = Path(tmp) / f"shots-{shots}"
+            scores = run_evaluation(config, dataset, out, PACKAGED_GEMMA, None, shots)
+            records = {r["id"]: r for r in read_jsonl(out / "predictions.jsonl")}
+            asked = [fewshot_prompt(p["question"], examples if shots else []) for p in problems]
+            lengths = [len(ids) for ids in tokenizer(asked)["input_ids"]]
+            shared = min(lengths) if shots else 0  # the common prefix, computed once: about the few-shot block
+            generated = sum(r["generated_tokens"] for r in records.values())
+            work = (sum(lengths) - len(lengths) * shared) * decoder_flops + generated * (decoder_flops + head_flops)
+            rates[shots] = report(label, len(records), scores["elapsed_s"], generated, work, peak)
+            if shots == args.shots:
+                ours = [records[p["id"]]["generation"] for p in first]
+
+    agree = sum(extract_answer(cut_generation(a)) == extract_answer(b) for a, b in zip(base_texts, ours))
+    same = sum(a.startswith(b) for a, b in zip(base_texts, ours))  # generate ran on past our stop point
+    print(f"same text up to the stop point: {same}/{len(first)}; same strict answer: {agree}/{len(first)}")
+    for shots, rate in rates.items():
+        print(f"projected for all {FULL_TEST} test problems, {shots}-shot: {FULL_TEST / rate / 60:.1f} min")
+    print(f"speedup={rates[args.shots] / base_rate:.1f} problems_per_s={rates[args.shots]:.2f} "
+          f"agree={agree}/{len(first)} full_test_min={FULL_TEST / rates[args.shots] / 60:.1f}")
 
 
 if __name__ == "__main__":

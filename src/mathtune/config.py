@@ -129,7 +129,7 @@ class EvalConfig:
     limit: int | None = 50  # a fixed, seeded subset, the same for every model
     shots: int = 8  # worked examples for the base model; a tuned model is asked zero-shot
     max_new_tokens: int = 256
-    batch_size: int = 16
+    batch_size: int | None = None  # rows decoded at once; null: chosen from the device and free memory
     seed: int = 1234
     generate_every: int = 1  # exact match during training at every Nth evaluation (the Nth, 2Nth, ...); 0: never
     generate_subset: int = 20  # on a fixed, seeded subset of this many validation problems
@@ -142,7 +142,8 @@ class EvalConfig:
         if self.shots < 0:
             raise ConfigError(f"eval.shots must be >= 0, got {self.shots}")
         _positive("eval.max_new_tokens", self.max_new_tokens)
-        _positive("eval.batch_size", self.batch_size)
+        if self.batch_size is not None:
+            _positive("eval.batch_size", self.batch_size)
         if self.generate_every < 0:
             raise ConfigError(f"eval.generate_every must be >= 0 (0 turns it off), got {self.generate_every}")
         _positive("eval.generate_subset", self.generate_subset)

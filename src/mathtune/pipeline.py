@@ -57,7 +57,7 @@ def run_evaluation(
           f"({shots}-shot, greedy, up to {config.eval.max_new_tokens} new tokens)...", flush=True)
 
     def load() -> tuple:
-        return (load_model(model_name, config.model.dtype, config.model.revision, adapter=adapter),
+        return (load_model(model_name, config.model.dtype, config.model.revision, adapter=adapter, merge_adapter=True),
                 load_tokenizer(model_name, config.model.revision))
 
     scores = evaluate_problems(

@@ -25,7 +25,7 @@ from mathtune.generation.head import greedy_tokens, plain_head
 from mathtune.generation.shared_prefix import NAME, SlotKV, Step, UnsupportedModel
 
 PREFILL_TOKENS = 4096  # padded prompt tokens per prefill call: bounds its attention scores' memory
-SLOTS_CAP = {"cpu": 64, "cuda": 256}  # beyond these a step's matrix products are no more efficient
+SLOTS_CAP = {"cpu": 128, "cuda": 512}  # beyond these a step's products gain little (bench/RESULTS.md)
 MEMORY_SHARE = 0.25  # the share of free memory the slots' KV cache may take
 
 

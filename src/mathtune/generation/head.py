@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-CHUNK_ROWS = 32768
+CHUNK_ROWS = 65536
 
 
 def plain_head(model) -> torch.Tensor | None:

@@ -117,31 +117,55 @@ class Step:
         offsets = torch.arange(self.length, device=self.start.device)
         return self.kv.prefix_len + self.start[:, None] + offsets
 
-    def mask(self, layer: LayerKV, groups: int) -> torch.Tensor:
-        """[b, 1, g*L, P_l + width] boolean (True: attend) over the layer's prefix keys, then the rows' own
-        keys; built once per step for each window."""
-        key = (layer.window, layer.prefix_start, layer.prefix_k.shape[1], groups)
+    def masks(self, layer: LayerKV, groups: int, dtype: torch.dtype) -> tuple:
+        """Additive masks (0: attend, -inf: not) over the layer's prefix keys ([1, 1, b*g*L, P_l], None when
+        every query sees all of them) and over the rows' own keys ([b, 1, g*L, width]), and which queries see
+        no prefix key at all ([b, 1, g*L] bool, None when there are none); built once per step and window."""
+        key = (layer.window, layer.prefix_start, layer.prefix_k.shape[1], groups, dtype)
         if key not in self._masks:
             device = self.start.device
             query = (self.start[:, None] + torch.arange(self.length, device=device)).repeat(1, groups)[:, :, None]
             own = torch.arange(self.width, device=device)
             seen = own <= query
-            prefix = layer.prefix_start + torch.arange(layer.prefix_k.shape[1], device=device)
-            seen_prefix = (prefix < self.kv.prefix_len).expand(query.shape[0], query.shape[1], -1)
+            prefix_mask = blind = None
             if layer.window is not None:  # a key is seen while query - key < window
-                seen = seen & (own > query - layer.window)
+                seen &= own > query - layer.window
+            if layer.window is not None and layer.prefix_k.shape[1]:
+                prefix = layer.prefix_start + torch.arange(layer.prefix_k.shape[1], device=device)
                 seen_prefix = prefix > self.kv.prefix_len + query - layer.window
-            self._masks[key] = torch.cat([seen_prefix, seen], dim=-1)[:, None]
+                prefix_mask = _additive(seen_prefix, dtype).reshape(1, 1, -1, seen_prefix.shape[-1])
+                blind = ~seen_prefix.any(-1)[:, None]
+                blind = blind if blind.any() else None
+            self._masks[key] = (prefix_mask, _additive(seen, dtype)[:, None], blind)
         return self._masks[key]
+
+
+def _additive(seen: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return torch.zeros(seen.shape, dtype=dtype, device=seen.device).masked_fill_(~seen, float("-inf"))
+
+
+def _flash(query, key, value, mask, scale):
+    """torch's fused CPU attention, which also returns each query's log-sum-exp of scores (the softmax's
+    normaliser), so that two halves of one softmax can be joined; elsewhere the same from plain products."""
+    if query.device.type == "cpu":
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(query, key, value, attn_mask=mask, scale=scale)
+    scores = (query @ key.transpose(-1, -2)).float() * scale
+    if mask is not None:
+        scores = scores + mask
+    lse = scores.logsumexp(-1)
+    return ((scores - lse[..., None]).exp().to(value.dtype) @ value), lse
 
 
 def shared_prefix_attention(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0,
                             sliding_window=None, softcap=None, mathtune_step: Step | None = None, **kwargs):
     """The attention function registered as NAME: stores the new keys and values in the slots' cache,
-    then attends over the shared prefix and the row's own tokens with one softmax."""
+    then attends over the shared prefix and the row's own tokens: two attentions whose outputs are
+    joined by their log-sum-exps, which is one softmax over both (as FlashInfer's cascade attention)."""
     step = mathtune_step
     if step is None:
         raise UnsupportedModel(f"attention {NAME!r} was called without a decoding step")
+    if softcap is not None:
+        raise UnsupportedModel("attention logit soft-capping is not supported by shared-prefix decoding")
     step.calls += 1
     layer = step.kv.layers[module.layer_idx]
     batch, heads, length, dim = query.shape
@@ -153,27 +177,22 @@ def shared_prefix_attention(module, query, key, value, attention_mask=None, scal
     batch_index = torch.arange(batch, device=query.device)[:, None]
     layer.k[rows][batch_index, :, columns] = key.transpose(1, 2)
     layer.v[rows][batch_index, :, columns] = value.transpose(1, 2)
-    own_k, own_v = layer.k[rows, :, : step.width], layer.v[rows, :, : step.width]
 
     scale = module.scaling if scaling is None else scaling
-    q = (query * scale).reshape(batch, kv_heads, groups * length, dim)
+    prefix_mask, own_mask, blind = step.masks(layer, groups, query.dtype)
+    q = query.reshape(batch, kv_heads, groups * length, dim)  # each kv head's query heads as more queries
+    out, lse = _flash(q, layer.k[rows, :, : step.width], layer.v[rows, :, : step.width], own_mask, scale)
     prefix_len = layer.prefix_k.shape[1]
-    scores_own = q @ own_k.transpose(-1, -2)  # [b, kv, gL, width]
     if prefix_len:
-        q_all = q.transpose(0, 1).reshape(kv_heads, batch * groups * length, dim)
-        scores_prefix = (q_all @ layer.prefix_k.transpose(-1, -2)).view(kv_heads, batch, groups * length, prefix_len)
-        scores = torch.cat([scores_prefix.transpose(0, 1), scores_own], dim=-1)
-    else:
-        scores = scores_own
-    scores = scores.float()
-    if softcap is not None:
-        scores = torch.tanh(scores / softcap) * softcap
-    probs = scores.masked_fill(~step.mask(layer, groups), float("-inf")).softmax(-1).to(query.dtype)
-
-    out = probs[..., prefix_len:] @ own_v  # [b, kv, gL, d]
-    if prefix_len:
-        p_prefix = probs[..., :prefix_len].transpose(0, 1).reshape(kv_heads, batch * groups * length, prefix_len)
-        out = out + (p_prefix @ layer.prefix_v).view(kv_heads, batch, groups * length, dim).transpose(0, 1)
+        q_all = q.transpose(0, 1).reshape(1, kv_heads, batch * groups * length, dim)  # all rows share these keys
+        out_p, lse_p = _flash(q_all, layer.prefix_k[None], layer.prefix_v[None], prefix_mask, scale)
+        out_p = out_p.view(kv_heads, batch, groups * length, dim).transpose(0, 1)
+        lse_p = lse_p.view(kv_heads, batch, groups * length).transpose(0, 1)
+        if blind is not None:  # queries that see no prefix key: the kernel gives them 0, not -inf
+            lse_p = lse_p.masked_fill(blind, float("-inf"))
+        top = torch.maximum(lse, lse_p)
+        w_own, w_prefix = (lse - top).exp()[..., None], (lse_p - top).exp()[..., None]
+        out = ((out.float() * w_own + out_p.float() * w_prefix) / (w_own + w_prefix)).to(query.dtype)
     out = out.reshape(batch, heads, length, dim).transpose(1, 2)
     return out, None
 

@@ -1,0 +1,147 @@
+"""Batched decoding with a shared prefix and continuous batching against `generate` on each prompt alone.
+
+Float32, so the texts must match token for token. The model is a random Gemma 3 with a sliding
+window of 8 positions, mixed sliding and full-attention layers and grouped-query attention, and the
+prompts share a 30-token prefix: prefixes, prompts and generations all run past the window.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM
+
+from mathtune.generation import decode, greedy_decode
+from mathtune.generation.decode import choose_slots, common_prefix_length
+
+EOS = 1
+WINDOW = 8
+
+
+def gemma(seed: int = 0) -> Gemma3ForCausalLM:
+    torch.manual_seed(seed)
+    config = Gemma3TextConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, sliding_window=WINDOW, max_position_embeddings=256,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
+        attn_implementation="sdpa", eos_token_id=EOS, pad_token_id=0, bos_token_id=2,
+    )
+    return Gemma3ForCausalLM(config).eval()
+
+
+def prompts(n: int, prefix_len: int, seed: int = 1) -> list[list[int]]:
+    """n prompts: BOS, one shared prefix, then 1-11 tokens of their own."""
+    generator = torch.Generator().manual_seed(seed)
+    prefix = torch.randint(3, 128, (prefix_len,), generator=generator).tolist()
+    lengths = torch.randint(1, 12, (n,), generator=generator).tolist()
+    return [[2] + prefix + torch.randint(3, 128, (k,), generator=generator).tolist() for k in lengths]
+
+
+def stops_at_multiple_of_7(ids: list[int]) -> bool:
+    """A stand-in for a stop pattern: rows stop after different numbers of tokens."""
+    return ids[-1] % 7 == 0
+
+
+def one_at_a_time(model, ids: list[int], max_new: int, finished=None) -> list[int]:
+    """generate on one prompt, cut where `finished` first holds (generate itself stops at EOS)."""
+    out = model.generate(torch.tensor([ids]), max_new_tokens=max_new, do_sample=False, eos_token_id=EOS,
+                         pad_token_id=0)[0, len(ids):].tolist()
+    for k in range(1, len(out) + 1):
+        if finished is not None and finished(out[:k]):
+            return out[:k]
+    return out
+
+
+@pytest.mark.parametrize("prefix_len, slots", [(30, 3), (30, None), (0, 4)])
+def test_equals_generate_one_at_a_time(prefix_len, slots):
+    model = gemma()
+    batch = prompts(9, prefix_len)
+    got = dict(greedy_decode(model, batch, max_new_tokens=20, stop_ids={EOS}, finished=stops_at_multiple_of_7,
+                             slots=slots))
+    expected = {i: one_at_a_time(model, ids, 20, stops_at_multiple_of_7) for i, ids in enumerate(batch)}
+    assert got == expected
+    assert len({len(ids) for ids in got.values()}) > 2  # rows stopped at different steps
+
+
+def test_generations_longer_than_the_window_equal_generate():
+    """No stop pattern: every row decodes 24 tokens, three windows past its prompt."""
+    model = gemma(seed=3)
+    batch = prompts(5, 12, seed=4)
+    got = dict(greedy_decode(model, batch, max_new_tokens=24, stop_ids=set(), finished=lambda ids: False, slots=2))
+    for i, ids in enumerate(batch):
+        expected = model.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False, eos_token_id=None,
+                                  pad_token_id=0)[0, len(ids):].tolist()
+        assert got[i] == expected
+
+
+def test_a_finished_row_hands_its_slot_to_a_waiting_prompt(monkeypatch):
+    """3 slots, 9 prompts: rows join while others are still decoding, and the batch never holds more than 3."""
+    model = gemma()
+    widths, joined = [], []
+    forward = decode._forward
+
+    def spy(model, kv, first, start, inputs):
+        widths.append(first + len(inputs))
+        if len(kv.layers[0].k) == 3 and not any(start):
+            joined.append(first)  # a prefill into slots after `first` live rows
+        return forward(model, kv, first, start, inputs)
+
+    monkeypatch.setattr(decode, "_forward", spy)
+    list(greedy_decode(model, prompts(9, 30), max_new_tokens=20, stop_ids={EOS}, finished=stops_at_multiple_of_7,
+                       slots=3))
+    assert max(widths) == 3
+    assert any(first > 0 for first in joined)  # some prompts joined a batch that was still decoding
+
+
+def test_triggers_limit_when_the_stop_check_runs():
+    model = gemma()
+    checked = []
+
+    def finished(ids):
+        checked.append(ids[-1])
+        return stops_at_multiple_of_7(ids)
+
+    triggers = set(range(0, 128, 7))
+    got = dict(greedy_decode(model, prompts(6, 30), max_new_tokens=20, stop_ids={EOS}, finished=finished,
+                             triggers=triggers))
+    assert checked and set(checked) <= triggers
+    assert got == dict(greedy_decode(model, prompts(6, 30), max_new_tokens=20, stop_ids={EOS},
+                                     finished=stops_at_multiple_of_7))
+
+
+def test_a_model_without_layer_types_equals_generate():
+    """Llama: one kind of attention, no sliding window, no `layer_types` in its config."""
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=256,
+                         attn_implementation="sdpa", eos_token_id=EOS, pad_token_id=0)
+    model = LlamaForCausalLM(config).eval()
+    batch = prompts(5, 10)
+    got = dict(greedy_decode(model, batch, max_new_tokens=12, stop_ids={EOS}, finished=stops_at_multiple_of_7,
+                             slots=2))
+    assert got == {i: one_at_a_time(model, ids, 12, stops_at_multiple_of_7) for i, ids in enumerate(batch)}
+
+
+def test_the_attention_setting_is_restored():
+    model = gemma()
+    list(greedy_decode(model, prompts(2, 5), max_new_tokens=3, stop_ids=set(), finished=lambda ids: False))
+    assert model.config._attn_implementation == "sdpa"
+
+
+@pytest.mark.parametrize("lists, expected", [
+    ([[1, 2, 3, 4], [1, 2, 3, 5]], 3),
+    ([[1, 2, 3], [1, 2, 3, 4]], 2),  # each keeps a token of its own
+    ([[1, 2, 3]], 2),
+    ([[1, 2], [3, 4]], 0),
+    ([[7], [7]], 0),
+])
+def test_common_prefix_length(lists, expected):
+    assert common_prefix_length(lists) == expected
+
+
+def test_choose_slots_takes_the_smallest_limit():
+    cpu = torch.device("cpu")
+    assert choose_slots(1000, 1 << 20, cpu, free_bytes=64 << 30) == decode.SLOTS_CAP["cpu"]
+    assert choose_slots(5, 1 << 20, cpu, free_bytes=64 << 30) == 5
+    assert choose_slots(1000, 1 << 30, cpu, free_bytes=8 << 30) == 2  # a quarter of 8 GiB holds 2 rows of 1 GiB
+    assert choose_slots(1000, 1 << 40, cpu, free_bytes=8 << 30) == 1
