@@ -156,7 +156,7 @@ def _check_same_evaluation(out_dir: Path, meta: dict, problems: list[dict]) -> l
 def evaluate_problems(
     model, tokenizer, problems: list[dict], out_dir: Path, *, fewshot_examples: list[dict] | None,
     model_label: str, adapter: str | None = None, split: str = "test", max_new_tokens: int = 256,
-    batch_size: int = 16, progress: bool = True, load: Callable[[], tuple] | None = None,
+    batch_size: int | None = None, progress: bool = True, load: Callable[[], tuple] | None = None,
 ) -> dict:
     """Generate for every problem not yet in out_dir/predictions.jsonl, then write and return scores.json.
 

@@ -2,9 +2,10 @@
 
 Gemma's head has 262,144 rows. Computing all of a batch's logits at once writes a
 [batch, vocabulary] tensor only to take its maximum; a slice at a time keeps the working set in
-cache and never holds more than one slice's logits. The product is W @ h.T rather than the head's
-h @ W.T: the weight is read as stored, with no repacking per call. What a model applies after its
-head (soft-capping, scaling) is monotone, so it leaves the argmax alone.
+cache and never holds more than one slice's logits. Each slice's logits are laid out a row per
+batch row ([b, slice]), so the maximum runs along contiguous memory: taken across rows instead
+([slice, b]) it costs more than the product itself. What a model applies after its head
+(soft-capping, scaling) is monotone, so it leaves the argmax alone.
 """
 
 from __future__ import annotations
@@ -24,13 +25,13 @@ def plain_head(model) -> torch.Tensor | None:
 
 @torch.inference_mode()
 def greedy_tokens(weight: torch.Tensor, hidden: torch.Tensor, chunk_rows: int = CHUNK_ROWS) -> torch.Tensor:
-    """argmax over the vocabulary of `weight @ hidden.T` for each row of hidden ([b, d] -> [b] ids).
+    """argmax over the vocabulary of `hidden @ weight.T` for each row of hidden ([b, d] -> [b] ids).
 
     Ties go to the lowest id, as torch.argmax does over the whole vector.
     """
     best_value = best_index = None
     for first in range(0, weight.shape[0], chunk_rows):
-        value, index = (weight[first : first + chunk_rows] @ hidden.T).max(0)
+        value, index = (hidden @ weight[first : first + chunk_rows].T).max(-1)
         if best_value is None:
             best_value, best_index = value, index
             continue

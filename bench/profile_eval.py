@@ -1,0 +1,113 @@
+"""Where evaluation time goes: `mathtune eval`'s decoding of N GSM8K problems, timed by stage.
+
+The packaged Gemma 3 270M, greedy, 8-shot, the seeded test problems `mathtune eval` picks. Wall
+time of each stage of mathtune.generation (the shared prefix, prefills of joining problems, decoding
+steps and, inside them, the LM head's argmax; slot moves; the stop checks' text decoding), then a
+torch profile of one full decoding step split into matrix products, attention and the rest.
+
+    PYTHONPATH=src .venv/bin/python bench/profile_eval.py --n 256
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import time
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from mathtune import data as data_module
+from mathtune.config import load_config
+from mathtune.data import fewshot_prompt
+from mathtune.evaluate import choose_fewshot_examples, generate_answers
+from mathtune.generation import decode
+from mathtune.models import PACKAGED_GEMMA, load_model, load_tokenizer
+from mathtune.pipeline import evaluation_problems
+
+SECONDS: collections.Counter = collections.Counter()
+CALLS: collections.Counter = collections.Counter()
+
+
+def timed(name, function):
+    def wrapper(*args, **kwargs):
+        start = time.perf_counter()
+        result = function(*args, **kwargs)
+        SECONDS[name] += time.perf_counter() - start
+        CALLS[name] += 1
+        return result
+    return wrapper
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--n", type=int, default=256)
+    parser.add_argument("--shots", type=int, default=8)
+    parser.add_argument("--batch-size", type=int)
+    args = parser.parse_args()
+    config = load_config("cpu-demo", [f"eval.limit={args.n}", f"eval.shots={args.shots}"])
+    problems, train = evaluation_problems(config, data_module.load_dataset(config.data))
+    examples = choose_fewshot_examples(train, args.shots, config.eval.seed)
+    prompts = [fewshot_prompt(p["question"], examples) for p in problems]
+    model, tokenizer = load_model(PACKAGED_GEMMA), load_tokenizer(PACKAGED_GEMMA)
+    list(generate_answers(model, tokenizer, prompts[:2], 4, progress=False))  # warm-up
+
+    forward = decode._forward
+
+    def stage(model, kv, first, start, inputs):
+        name = ("shared prefix" if kv.prefix_len == 0 and len(kv.layers[0].k) == 1
+                else "prefill of joining problems" if max(map(len, inputs)) > 1 else "decoding steps")
+        return timed(name, forward)(model, kv, first, start, inputs)
+
+    decode._forward = stage
+    decode.greedy_tokens = timed("  of which the LM head's argmax", decode.greedy_tokens)
+    decode._close_holes = timed("moving rows into freed slots", decode._close_holes)
+    tokenizer.decode = timed("stop checks and final texts (text decoding)", tokenizer.decode)
+    start, generated = time.perf_counter(), 0
+    for _, _, n_tokens in generate_answers(model, tokenizer, prompts, config.eval.max_new_tokens, args.batch_size,
+                                           progress=False):
+        generated += n_tokens
+    elapsed = time.perf_counter() - start
+    print(f"{len(prompts)} problems, {args.shots}-shot, {model.dtype}: {elapsed:.1f} s, "
+          f"{len(prompts) / elapsed:.2f} problems/s, {generated / len(prompts):.0f} generated tokens a problem")
+    print("| stage | seconds | share | calls | ms a call |\n|---|---|---|---|---|")
+    for name in SECONDS:
+        print(f"| {name} | {SECONDS[name]:.1f} | {SECONDS[name] / elapsed:.0%} | {CALLS[name]} | "
+              f"{SECONDS[name] / CALLS[name] * 1000:.1f} |")
+    print(f"| the rest (tokenizing, scheduling, Python) | "
+          f"{elapsed - sum(v for k, v in SECONDS.items() if not k.startswith(' ')):.1f} | | | |")
+    decode._forward = forward
+    step_profile(model, tokenizer, prompts, args.batch_size or decode.SLOTS_CAP[model.device.type])
+
+
+def step_profile(model, tokenizer, prompts: list[str], rows: int) -> None:
+    """One decoding step of `rows` rows, each 150 tokens past the prefix, split by operator kind."""
+    from mathtune.generation.shared_prefix import SlotKV
+
+    ids = tokenizer(prompts[:2])["input_ids"]
+    prefix_len = decode.common_prefix_length(ids)
+    with torch.inference_mode(), decode.shared_prefix_attention(model):
+        prefix = SlotKV.empty(model.config, 1, prefix_len, model.dtype, model.device)
+        forward = decode._forward
+        forward(model, prefix, 0, [0], [ids[0][:prefix_len]])
+        kv = SlotKV.empty(model.config, rows, 400, model.dtype, model.device, prefix=prefix, prefix_len=prefix_len)
+        inputs = [[100]] * rows
+        forward(model, kv, 0, [150] * rows, inputs)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(3):
+                forward(model, kv, 0, [150] * rows, inputs)
+    kinds = collections.Counter()
+    for event in prof.key_averages():
+        name = event.key
+        kind = ("matrix products" if name in ("aten::mm", "aten::addmm", "aten::bmm")
+                else "attention kernels" if "scaled_dot_product" in name else "elementwise, copies and the rest")
+        kinds[kind] += event.self_cpu_time_total
+    total = sum(kinds.values())
+    print(f"one decoding step, {rows} rows at 150 tokens past a {prefix_len}-token prefix: "
+          f"{total / 3 / 1000:.1f} ms of operator time")
+    for kind, micros in kinds.most_common():
+        print(f"  {kind}: {micros / 3 / 1000:.1f} ms ({micros / total:.0%})")
+
+
+if __name__ == "__main__":
+    main()
