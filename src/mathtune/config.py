@@ -101,6 +101,9 @@ class TrainConfig:
     save_total_limit: int | None = 3
     seed: int = 42
     divergence_factor: float | None = None  # stop when the training loss exceeds this x its lowest; null: off
+    # Experiment trackers the Trainer logs to (transformers' report_to: tensorboard, trackio, wandb, mlflow, ...);
+    # each must be installed. TensorBoard writes to RUN_DIR/tensorboard unless $TENSORBOARD_LOGGING_DIR is set.
+    report_to: list[str] = field(default_factory=list)
 
     def check(self) -> None:
         _positive("train.epochs", self.epochs)
@@ -121,6 +124,13 @@ class TrainConfig:
         _one_of(
             "train.lr_scheduler", self.lr_scheduler, ["linear", "cosine", "constant", "constant_with_warmup"]
         )
+        if self.report_to:
+            from mathtune.training.trackers import tracker_names  # transformers' list; loaded only when asked for
+
+            for i, name in enumerate(self.report_to):
+                _one_of(f"train.report_to[{i}]", name, tracker_names())
+            if len(set(self.report_to)) < len(self.report_to):
+                raise ConfigError(f"train.report_to names a tracker twice: {self.report_to}")
 
 
 @dataclass
