@@ -161,6 +161,16 @@ class EvalConfig:
 
 
 @dataclass
+class ReportConfig:
+    examples_per_group: int = 3  # problems shown per outcome (fixed, broken, both wrong) in "What the model wrote"
+    examples_seed: int = 0  # which problems of each outcome are shown
+
+    def check(self) -> None:
+        if self.examples_per_group < 0:
+            raise ConfigError(f"report.examples_per_group must be >= 0 (0 shows none), got {self.examples_per_group}")
+
+
+@dataclass
 class CostConfig:
     hardware: str | None = None  # detected when null
     price_per_hour: float | None = None  # USD; a default for the hardware when null
@@ -176,11 +186,12 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     cost: CostConfig = field(default_factory=CostConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
     speedups: SpeedupsConfig = field(default_factory=SpeedupsConfig)  # each can be switched off to debug or measure
 
     def check(self) -> None:
         check_run_name(self.name, self.output_dir)
-        for section in (self.model, self.data, self.lora, self.train, self.eval):
+        for section in (self.model, self.data, self.lora, self.train, self.eval, self.report):
             section.check()
         if self.train.early_stopping_metric == "eval_exact_match" and self.eval.generate_every != 1:
             raise ConfigError(
