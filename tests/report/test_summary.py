@@ -203,6 +203,8 @@ def test_zero_to_zero_says_in_numbers_how_little_it_could_have_seen():
     assert round(acc["min_detectable_gain_points"], 1) == 36.6  # P(Binomial(20, g) >= 6) = 0.8
     assert acc["problems_for_5_points"] == 157  # P(Binomial(n, 0.05) >= 6) >= 0.8 from n = 157
     assert any("none gets worse" in note for note in summary["notes"])
+    more = next(r for r in summary["recommendations"] if r["text"].startswith("Evaluate on more problems"))
+    assert "takes 157 of them" in more["text"] and more["evidence"]["accuracy.problems_for_5_points"] == 157
 
 
 def test_what_could_be_detected_is_missing_with_a_reason_without_paired_predictions():
