@@ -38,7 +38,8 @@ REQUIRED_SUMMARY_KEYS = [
     "val_loss.last", "val_loss.decrease_pct", "val_loss.decrease_pct_last", "final_phase.loss_decrease_pct",
     "final_phase.still_improving", "token_accuracy.train.first", "token_accuracy.train.last",
     "token_accuracy.val.first", "token_accuracy.val.last", "early_stopping.triggered", "outliers",
-    "accuracy.base", "accuracy.tuned", "accuracy.mcnemar_p", "cost.hours", "cost.usd", "recommendations",
+    "accuracy.base", "accuracy.tuned", "accuracy.mcnemar_p", "accuracy.min_detectable_gain_points",
+    "accuracy.problems_for_5_points", "examples", "cost.hours", "cost.usd", "recommendations",
     "definitions", "missing",
 ]
 

@@ -44,6 +44,8 @@ def test_unknown_section_is_an_error():
     ("data.validation_fraction=0", r"data.validation_fraction must be in \(0, 1\)"),
     ("train.batch_size=two", "train.batch_size must be of type int"),
     ("model.dtype=float33", "did you mean .float32."),
+    ("report.examples_per_group=-1", r"report.examples_per_group must be >= 0"),
+    ("report.examples_per_group=2.5", "report.examples_per_group must be of type int"),
 ])
 def test_impossible_values_are_refused_with_the_key(override, message):
     with pytest.raises(ConfigError, match=message):
@@ -60,3 +62,9 @@ def test_config_file_errors_name_the_file(tmp_path):
     path.write_text("lora:\n  alpah: 8\n")
     with pytest.raises(ConfigError, match=rf"{path}.*unknown key 'lora.alpah'.*did you mean 'alpha'"):
         load_config(str(path))
+
+
+def test_report_settings_default_and_override():
+    assert (load_config("tiny").report.examples_per_group, load_config("tiny").report.examples_seed) == (3, 0)
+    config = load_config("tiny", ["report.examples_per_group=0", "report.examples_seed=9"])
+    assert (config.report.examples_per_group, config.report.examples_seed) == (0, 9)

@@ -67,11 +67,14 @@ def test_report_rerenders_from_the_run_directory_alone(tiny_run_dir):
     assert (tiny_run_dir / "report.html").exists()
 
 
-def test_compare_puts_runs_side_by_side(tiny_run_dir, capsys):
-    assert main(["compare", str(tiny_run_dir), str(tiny_run_dir)]) == 0
-    table = capsys.readouterr().out.strip().splitlines()
+def test_compare_puts_runs_side_by_side(tiny_run_dir, tmp_path, capsys):
+    html = tmp_path / "sweep.html"
+    assert main(["compare", str(tiny_run_dir), str(tiny_run_dir), "--html", str(html)]) == 0
+    table, where = capsys.readouterr().out.strip().split("\n\n")
+    table = table.splitlines()
     assert table[0].startswith("| run | model |") and len(table) == 4
     assert "tiny-random" in table[2]
+    assert where.endswith(str(html)) and "tiny-random" in html.read_text()
 
 
 def test_a_missing_model_path_is_a_clear_error(tmp_path, gsm8k_dir, capsys):

@@ -117,9 +117,13 @@ def cmd_report(args: argparse.Namespace) -> None:
 
 
 def cmd_compare(args: argparse.Namespace) -> None:
-    from mathtune.report.compare import compare_runs
+    from mathtune.report.compare import default_html_path, markdown_table, write_compare_html
 
-    print(compare_runs([Path(d) for d in args.run_dirs]))
+    run_dirs = [Path(d) for d in args.run_dirs]
+    html = Path(args.html) if args.html else default_html_path(run_dirs)
+    runs = write_compare_html(run_dirs, html)
+    print(markdown_table(runs))
+    print(f"\nSide by side, with the config differences and the loss curves: {html}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -156,8 +160,10 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("run_dir")
     report.set_defaults(func=cmd_report)
 
-    compare = commands.add_parser("compare", help="several runs' summaries side by side")
+    compare = commands.add_parser("compare", help="several runs side by side: a table, and an HTML page")
     compare.add_argument("run_dirs", nargs="+")
+    compare.add_argument("--html", metavar="PATH", help="where the HTML page goes (default: compare.html in the "
+                         "folder that holds the runs, e.g. runs/compare.html)")
     compare.set_defaults(func=cmd_compare)
     return parser
 

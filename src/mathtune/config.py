@@ -101,6 +101,9 @@ class TrainConfig:
     save_total_limit: int | None = 3
     seed: int = 42
     divergence_factor: float | None = None  # stop when the training loss exceeds this x its lowest; null: off
+    # Experiment trackers the Trainer logs to (transformers' report_to: tensorboard, trackio, wandb, mlflow, ...);
+    # each must be installed. TensorBoard writes to RUN_DIR/tensorboard unless $TENSORBOARD_LOGGING_DIR is set.
+    report_to: list[str] = field(default_factory=list)
 
     def check(self) -> None:
         _positive("train.epochs", self.epochs)
@@ -121,6 +124,13 @@ class TrainConfig:
         _one_of(
             "train.lr_scheduler", self.lr_scheduler, ["linear", "cosine", "constant", "constant_with_warmup"]
         )
+        if self.report_to:
+            from mathtune.training.trackers import tracker_names  # transformers' list; loaded only when asked for
+
+            for i, name in enumerate(self.report_to):
+                _one_of(f"train.report_to[{i}]", name, tracker_names())
+            if len(set(self.report_to)) < len(self.report_to):
+                raise ConfigError(f"train.report_to names a tracker twice: {self.report_to}")
 
 
 @dataclass
@@ -152,6 +162,16 @@ class EvalConfig:
 
 
 @dataclass
+class ReportConfig:
+    examples_per_group: int = 3  # problems shown per outcome (fixed, broken, both wrong) in "What the model wrote"
+    examples_seed: int = 0  # which problems of each outcome are shown
+
+    def check(self) -> None:
+        if self.examples_per_group < 0:
+            raise ConfigError(f"report.examples_per_group must be >= 0 (0 shows none), got {self.examples_per_group}")
+
+
+@dataclass
 class CostConfig:
     hardware: str | None = None  # detected when null
     price_per_hour: float | None = None  # USD; a default for the hardware when null
@@ -167,11 +187,12 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     cost: CostConfig = field(default_factory=CostConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
     speedups: SpeedupsConfig = field(default_factory=SpeedupsConfig)  # each can be switched off to debug or measure
 
     def check(self) -> None:
         check_run_name(self.name, self.output_dir)
-        for section in (self.model, self.data, self.lora, self.train, self.eval):
+        for section in (self.model, self.data, self.lora, self.train, self.eval, self.report):
             section.check()
         if self.train.early_stopping_metric == "eval_exact_match" and self.eval.generate_every != 1:
             raise ConfigError(

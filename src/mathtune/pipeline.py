@@ -131,6 +131,7 @@ def run(config: Config, overwrite: bool = False) -> dict:
     """Base evaluation, training, tuned evaluation and the report, in one run directory."""
     from mathtune.report.render import write_report
     from mathtune.training import RunDirError, check_run_dir, prepare_run_dir, train, write_run_record
+    from mathtune.training.trackers import check_installed, log_final_accuracy
 
     run_dir = config.run_dir
     existing = (run_dir / "config.yaml").exists()
@@ -145,6 +146,7 @@ def run(config: Config, overwrite: bool = False) -> dict:
     # Nothing is deleted before the directory, the data, the split and the model (config, tokenizer, weights;
     # loaded when --overwrite would replace a run) have passed: even --overwrite keeps the old run on bad input.
     check_run_dir(run_dir, overwrite=overwrite, resume=not overwrite)
+    check_installed(config.train.report_to)
     dataset = data_module.load_dataset(config.data)
     train_problems, validation_problems = data_module.run_split(config.data, dataset)
     check_model(config.model.name, config.model.revision)
@@ -156,10 +158,12 @@ def run(config: Config, overwrite: bool = False) -> dict:
         write_run_record(run_dir, config, dataset, train_problems, validation_problems)
     started = time.time()
 
-    run_evaluation(config, dataset, run_dir / "eval" / "base", config.model.name, None, config.eval.shots)
+    base = run_evaluation(config, dataset, run_dir / "eval" / "base", config.model.name, None, config.eval.shots)
     if read_json(run_dir / "train_result.json") is None:
         train(config, resume=True)
-    run_evaluation(config, dataset, run_dir / "eval" / "tuned", config.model.name, run_dir / "adapter", 0)
+    tuned = run_evaluation(config, dataset, run_dir / "eval" / "tuned", config.model.name, run_dir / "adapter", 0)
+    log_final_accuracy(config, run_dir, {"base": base, "tuned": tuned},
+                       (read_json(run_dir / "train_result.json") or {}).get("steps_done", 0))
     if config.eval.robustness_size:
         for name, adapter, shots in (("base", None, config.eval.shots), ("tuned", run_dir / "adapter", 0)):
             run_evaluation(config, dataset, run_dir / "eval" / f"robustness-{name}", config.model.name, adapter,

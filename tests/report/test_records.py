@@ -14,8 +14,23 @@ def test_gsm8k_questions_come_from_the_local_files(tmp_path):
     lines = [{"question": f"Question {i}?", "answer": "Step one.\nStep two.\n#### 4"} for i in range(5)]
     (data / "train.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
     found = source_problems({"source": "gsm8k-local", "location": str(data)}, {"train-1", "train-4", "train-9"})
-    assert found == {"train-1": {"question": "Question 1?", "gold_steps": 2},
-                     "train-4": {"question": "Question 4?", "gold_steps": 2}}
+    solution = "Step one.\nStep two.\n#### 4"
+    assert found == {"train-1": {"question": "Question 1?", "solution": solution, "gold_steps": 2},
+                     "train-4": {"question": "Question 4?", "solution": solution, "gold_steps": 2}}
+
+
+def test_the_evaluated_problems_gold_solutions_come_from_the_data_source(tmp_path):
+    run = make_run(tmp_path, source="gsm8k-local")
+    data = tmp_path / "gsm8k"
+    data.mkdir()
+    (data / "test.jsonl").write_text("".join(json.dumps({"question": f"Q{i}?", "answer": f"{i} + 1\n#### {i + 1}"})
+                                             + "\n" for i in range(30)))
+    info = json.loads((run / "data.json").read_text())
+    (run / "data.json").write_text(json.dumps({**info, "path": str(data)}))
+    records, _ = load_run(run)
+    assert records.solutions == {f"test-{i}": f"{i} + 1\n#### {i + 1}" for i in range(20)}  # the 20 evaluated
+    (run / "data.json").write_text(json.dumps({**info, "path": str(tmp_path / "elsewhere")}))
+    assert load_run(run)[0].solutions == {}  # the files are not on this machine: no solutions, no error
 
 
 def test_synthetic_questions_are_regenerated_from_their_seed():

@@ -133,3 +133,40 @@ def test_markdown_escapes_values_from_run_files(tmp_path):
     assert "8 \\| &lt;b&gt;x&lt;/b&gt;-shot" in markdown and "eval_loss \\| &lt;script&gt;z" in markdown
     html = (run / "report.html").read_text()
     assert "<b>x" not in html and "<script>z" not in html
+
+
+def test_what_the_model_wrote_is_in_both_pages_collapsed_and_escaped(tmp_path):
+    run = make_run(tmp_path)
+    config = (run / "config.yaml").read_text()
+    (run / "config.yaml").write_text(config + "report:\n  examples_per_group: 10\n")
+    summary = write_report(run)
+    groups = summary["examples"]["groups"]
+    assert [(g["kind"], g["total"], len(g["shown"])) for g in groups] == [("fixed", 10, 10), ("broken", 4, 4),
+                                                                          ("both_wrong", 5, 5)]
+    ids = [e["id"] for g in groups for e in g["shown"]]
+    html = (run / "report.html").read_text()
+    section = html.split("What the model wrote</h2>")[1].split("<h2")[0]
+    assert section.count('<details class="example">') == len(ids) == 19 and "<details open" not in section
+    assert re.findall(r'<span class="id">([^<]*)</span>', section) == ids
+    # test-0 (its question holds HTML) was broken; its base and tuned generations and the slip are shown escaped
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in section and "<script" not in section
+    assert "<mark>&lt;i&gt;3 + 2 = 6&lt;/i&gt;</mark>" in section and "<i>3" not in section
+    assert section.count("Arithmetic slip: 3+2 = 6, but 3+2 = 5") == 10 + 4 + 5 * 2
+    markdown = (run / "report.md").read_text()
+    md_section = markdown.split("## What the model wrote")[1].split("\n## ")[0]
+    assert re.findall(r"<summary>(test-\d+):", md_section) == ids
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in md_section and "<script" not in md_section
+    assert "<mark>&lt;i&gt;3 + 2 = 6&lt;/i&gt;</mark>   ← arithmetic slip" in md_section
+    assert all(line == "" for line in re.findall(r"^(.*)\n<pre>$", md_section, re.M))  # each <pre> its own block
+
+
+def test_the_headline_says_what_the_evaluation_could_detect(tmp_path):
+    run = make_run(tmp_path)
+    summary = write_report(run)
+    points = f"{summary['accuracy']['min_detectable_gain_points']:.1f} points"
+    needed = f"{summary['accuracy']['problems_for_5_points']:,}"
+    html_top = (run / "report.html").read_text().split("<h2", 1)[0]
+    markdown_top = (run / "report.md").read_text().split("\n## ", 1)[0]
+    for top in (html_top, markdown_top):
+        assert "Could this evaluation see a gain? On 20 paired problems" in top
+        assert points in top and needed in top

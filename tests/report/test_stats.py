@@ -11,8 +11,8 @@ from scipy import optimize, stats
 
 from handmade import pred
 from mathtune.report.stats import (
-    NotComputable, accuracy, accuracy_by_steps, arithmetic_slip_share, mcnemar_exact_p, paired_table, regressions,
-    wilson_interval,
+    NotComputable, accuracy, accuracy_by_steps, arithmetic_slip_share, mcnemar_critical_counts, mcnemar_exact_p,
+    mcnemar_power, min_detectable_gain, paired_table, problems_needed, regressions, wilson_interval,
 )
 
 
@@ -104,3 +104,88 @@ def test_importing_the_training_module_leaves_scipy_unloaded():
     code = "import sys, mathtune.training.recipe; print('scipy.stats' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+# --- what the paired design could detect ---
+
+
+def test_critical_counts_are_where_the_exact_test_starts_rejecting():
+    critical = mcnemar_critical_counts(80)
+    for d in range(81):
+        c = int(critical[d])
+        if c <= d:
+            assert mcnemar_exact_p(d - c, c) <= 0.05, d
+        else:
+            assert all(mcnemar_exact_p(d - k, k) > 0.05 for k in range(d + 1)), d
+        if c - 1 > d / 2:
+            assert mcnemar_exact_p(d - c + 1, c - 1) > 0.05, d
+    # 2 x 0.5^6 = 0.031 rejects, 2 x 0.5^5 = 0.0625 does not: six of six discordant problems is the least evidence
+    assert list(critical[:7]) == [1, 2, 3, 4, 5, 6, 6]
+
+
+def test_power_when_every_discordant_problem_favours_the_tuned_model_is_a_binomial_tail():
+    # With no only-base problems the test rejects once 6 problems are discordant: power = P(Binomial(n, gain) >= 6).
+    for n, gain in ((20, 0.3), (100, 0.05), (250, 0.02)):
+        assert mcnemar_power(n, gain, gain) == pytest.approx(stats.binom.sf(5, n, gain), rel=1e-9)
+    assert mcnemar_power(0, 0.1, 0.2) == 0.0 and mcnemar_power(50, 0.0, 0.0) == 0.0
+    with pytest.raises(ValueError):
+        mcnemar_power(50, 0.3, 0.2)  # a gain larger than the discordant rate is impossible
+
+
+@pytest.mark.parametrize("n,gain,discordant", [(60, 0.15, 0.3), (200, 0.05, 0.12)])
+def test_power_matches_a_simulation_of_the_paired_evaluation(n, gain, discordant):
+    """Simulated evaluations: each problem only-tuned, only-base or neither; the exact test run on each."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    draws = 4000
+    only_tuned_p, only_base_p = (discordant + gain) / 2, (discordant - gain) / 2
+    counts = rng.multinomial(n, [only_tuned_p, only_base_p, 1 - discordant], size=draws)
+    cache = {}
+    rejected = 0
+    for c, b, _ in counts:
+        if (b, c) not in cache:
+            cache[(b, c)] = c > b and _exact_two_sided(b, c) <= 0.05
+        rejected += cache[(b, c)]
+    power = mcnemar_power(n, gain, discordant)
+    assert rejected / draws == pytest.approx(power, abs=3 * math.sqrt(power * (1 - power) / draws) + 1e-3)
+
+
+def test_min_detectable_gain_with_no_discordant_problem_solves_the_binomial_tail():
+    # 0 -> 0 on 20 problems: the gain g with P(Binomial(20, g) >= 6) = 0.8, found independently by brentq.
+    expected = optimize.brentq(lambda g: stats.binom.sf(5, 20, g) - 0.8, 1e-6, 1)
+    assert min_detectable_gain(20, 0.0) == pytest.approx(expected, abs=2e-6)
+    assert round(expected * 100, 1) == 36.6
+
+
+def test_min_detectable_gain_is_where_the_power_reaches_80_percent():
+    gain = min_detectable_gain(250, 0.04)
+    discordant = max(0.04, gain)
+    assert mcnemar_power(250, gain, discordant) >= 0.8 > mcnemar_power(250, gain - 1e-4, max(0.04, gain - 1e-4))
+    # more problems, smaller detectable gains; more discordant problems (noise), larger ones
+    assert min_detectable_gain(1000, 0.04) < gain < min_detectable_gain(250, 0.2)
+
+
+def test_min_detectable_gain_without_enough_problems_says_why():
+    with pytest.raises(NotComputable, match="No paired problems"):
+        min_detectable_gain(0, 0.0)
+    with pytest.raises(NotComputable, match="too few problems"):
+        min_detectable_gain(5, 0.2)  # five problems can never give p <= 0.05
+
+
+@pytest.mark.parametrize("observed", [0.0, 0.2])
+def test_problems_needed_is_the_first_n_with_80_percent_power(observed):
+    n = problems_needed(0.05, observed)
+    discordant = max(observed, 0.05)
+    assert mcnemar_power(n, 0.05, discordant) >= 0.8
+    assert all(mcnemar_power(m, 0.05, discordant) < 0.8 for m in range(max(1, n - 60), n))
+
+
+def test_problems_needed_is_close_to_connors_normal_approximation():
+    # Connor (1987): n = (z_a sqrt(psi) + z_b sqrt(psi - delta^2))^2 / delta^2 = 625.5 for psi = 0.2, delta = 0.05;
+    # the exact test, being conservative, needs a few per cent more.
+    z_a, z_b = stats.norm.isf(0.025), stats.norm.isf(0.2)
+    connor = (z_a * math.sqrt(0.2) + z_b * math.sqrt(0.2 - 0.05**2)) ** 2 / 0.05**2
+    assert connor == pytest.approx(625.5, abs=0.5)
+    assert connor < problems_needed(0.05, 0.2) < 1.1 * connor
+    assert problems_needed(0.05, 0.0) == next(n for n in range(1, 1000) if stats.binom.sf(5, n, 0.05) >= 0.8)

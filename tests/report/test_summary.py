@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from scipy import stats
+from scipy import optimize, stats
 
 from conftest import REQUIRED_SUMMARY_KEYS, summary_lookup
 from handmade import NOISY_FALL, falling_curve, logged_metrics, pred
 from mathtune.report.cost import PRICES_USD_PER_HOUR
 from mathtune.report.records import RunRecords
+from mathtune.report.stats import min_detectable_gain, problems_needed
 from mathtune.report.summary import build_summary
 
 
@@ -176,3 +177,57 @@ def test_training_token_accuracy_definition_says_how_trl_averages_it():
     text = build_summary(RunRecords())["definitions"]["token_accuracy.train.first"]
     assert "pooled" not in text
     assert "unweighted mean" in text and "per batch" in text.replace("-", " ")
+
+
+def test_what_a_paired_evaluation_could_detect_is_in_the_summary():
+    # 50 problems, 5 only-base and 20 only-tuned: a discordant rate of 50%.
+    base = [pred(i, i < 5 or 30 <= i < 40) for i in range(50)]
+    tuned = [pred(i, 5 <= i < 25 or 30 <= i < 40) for i in range(50)]
+    acc = _summary(predictions={"base": base, "tuned": tuned})["accuracy"]
+    assert (acc["paired"]["only_base"], acc["paired"]["only_tuned"], acc["discordant_rate"]) == (5, 20, 0.5)
+    assert acc["min_detectable_gain_points"] == pytest.approx(min_detectable_gain(50, 0.5) * 100)
+    # near Connor's (1987) normal approximation, n = (z_a sqrt(psi) + z_b sqrt(psi - g^2))^2 / g^2, solved for g
+    z_a, z_b = stats.norm.isf(0.025), stats.norm.isf(0.2)
+    connor = optimize.brentq(lambda g: (z_a * 0.5**0.5 + z_b * (0.5 - g * g) ** 0.5) ** 2 / g**2 - 50, 0.01, 0.7)
+    assert connor * 100 == pytest.approx(27.3, abs=0.1)
+    assert acc["min_detectable_gain_points"] == pytest.approx(connor * 100, rel=0.1)
+    assert acc["problems_for_5_points"] == problems_needed(0.05, 0.5)
+    assert acc["detectable_at"] == {"alpha": 0.05, "power": 0.8}
+
+
+def test_zero_to_zero_says_in_numbers_how_little_it_could_have_seen():
+    both_wrong = [pred(i, False) for i in range(20)]
+    summary = _summary(predictions={"base": both_wrong, "tuned": both_wrong})
+    acc = summary["accuracy"]
+    assert acc["discordant_rate"] == 0
+    assert round(acc["min_detectable_gain_points"], 1) == 36.6  # P(Binomial(20, g) >= 6) = 0.8
+    assert acc["problems_for_5_points"] == 157  # P(Binomial(n, 0.05) >= 6) >= 0.8 from n = 157
+    assert any("none gets worse" in note for note in summary["notes"])
+    more = next(r for r in summary["recommendations"] if r["text"].startswith("Evaluate on more problems"))
+    assert "takes 157 of them" in more["text"] and more["evidence"]["accuracy.problems_for_5_points"] == 157
+
+
+def test_what_could_be_detected_is_missing_with_a_reason_without_paired_predictions():
+    scores = {"model": "m", "n": 20, "ids_sha256": "same", "strict": {"correct": 2, "total": 20}}
+    summary = _summary(scores={"base": scores, "tuned": {**scores, "strict": {"correct": 6, "total": 20}}})
+    assert summary["accuracy"]["gain_points"] == pytest.approx(20)
+    assert summary["accuracy"]["min_detectable_gain_points"] is None
+    assert summary["accuracy"]["problems_for_5_points"] is None
+    assert any("smallest detectable gain" in m for m in summary["missing"])
+    assert _summary()["accuracy"]["min_detectable_gain_points"] is None
+
+
+def test_examples_follow_the_report_settings_of_config_yaml():
+    base = [pred(i, i % 2 == 0) for i in range(20)]
+    tuned = [pred(i, i % 3 == 0) for i in range(20)]
+    examples = _summary(predictions={"base": base, "tuned": tuned},
+                        config={"report": {"examples_per_group": 2, "examples_seed": 5}})["examples"]
+    assert (examples["per_group"], examples["seed"]) == (2, 5)
+    assert [len(g["shown"]) for g in examples["groups"]] == [2, 2, 2]
+    assert [g["total"] for g in examples["groups"]] == [3, 6, 7]  # odd and 3k; even, not 3k; odd, not 3k
+    default = _summary(predictions={"base": base, "tuned": tuned})["examples"]
+    assert default["per_group"] == 3 and default["seed"] == 0
+    bad = _summary(predictions={"base": base, "tuned": tuned}, config={"report": {"examples_per_group": -2}})
+    assert bad["examples"]["per_group"] == 3
+    assert any("report.examples_per_group is -2" in note for note in bad["notes"])
+    assert _summary(predictions={"base": base})["examples"] is None

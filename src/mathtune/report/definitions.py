@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from mathtune.report.curves import ALPHA, END_TRIM, FINAL_FRACTION, MIN_POINTS, OVERFIT_RISES, SMOOTHING
 from mathtune.report.hard_examples import OUTLIER_Z
+from mathtune.report.stats import ALPHA as TEST_ALPHA
+from mathtune.report.stats import POWER
+
+PLANNING_GAIN_POINTS = 5  # the gain accuracy.problems_for_5_points plans for
 
 
 def definitions() -> dict[str, str]:
@@ -60,11 +64,27 @@ def definitions() -> dict[str, str]:
         "accuracy.gain_n": "How many problems the gain is computed on: those whose ids both prediction files hold.",
         "accuracy.paired": "Counts of problems scored for both models by which of them answered correctly (strict).",
         "accuracy.mcnemar_p": "Two-sided exact McNemar test: binomial test of only-base vs only-tuned problems against 50/50.",
+        "accuracy.discordant_rate": "Share of the paired problems that exactly one of the two models answered "
+        "correctly (only base plus only tuned, over all paired problems).",
+        "accuracy.min_detectable_gain_points": f"The smallest gain, in points, that the two-sided exact McNemar test "
+        f"at alpha = {TEST_ALPHA} would detect with {POWER:.0%} power on the accuracy.paired.n problems of this "
+        "evaluation. Exact, not a normal approximation: the number of discordant problems is binomial over the "
+        "problems, and the only-tuned count binomial over them; the discordant rate is the observed one, or the gain "
+        "itself when larger (a gain of g points moves at least g% of the problems). Smaller gains could be real "
+        "and still be missed.",
+        "accuracy.problems_for_5_points": f"The smallest number of paired problems on which the same test detects "
+        f"a {PLANNING_GAIN_POINTS}-point gain with {POWER:.0%} power, at this run's discordant rate "
+        f"(at least {PLANNING_GAIN_POINTS}%).",
+        "accuracy.detectable_at": "The level (alpha) and power the two figures above are computed for.",
         "accuracy.by_steps": "Strict exact match grouped by the number of lines of the gold solution before ####.",
         "accuracy.arithmetic_slip_share": "Among wrong answers, the share whose generation states a calculation with a wrong result.",
         "accuracy.regressions": "Problems the base model answered correctly and the tuned model did not (strict).",
         "loss_vs_exact_match.spearman_rho": "Spearman rank correlation of validation loss and exact match over the "
         "evaluations that logged both; negative means they agree.",
+        "examples": "Problems drawn at random (seeded by report.examples_seed) among those the tuning fixed "
+        "(the base model wrong, the tuned one right, strict), broke (the reverse) and both models got wrong, "
+        "report.examples_per_group of each at most. Each shows the gold solution and both generations with the "
+        "answers extracted from them; a line that states a calculation with a wrong result is marked.",
         "robustness": "Strict exact match on fresh generated problems (mathtune.synthetic, the same templates, "
         "seed data.synthetic_seed + 1000, which neither training nor the test set uses), base few-shot and tuned "
         "zero-shot as on the evaluation set; 95% Wilson interval. Names and numbers are new, so a model that "

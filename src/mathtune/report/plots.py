@@ -96,26 +96,46 @@ def example_losses_plot(summary: dict, example_losses: list[dict]) -> bytes | No
     return _png(figure)
 
 
+SCALED = "axis scaled to the data"  # said on every accuracy axis that does not run from 0 to 100%
+
+
 def accuracy_plot(summary: dict) -> bytes | None:
+    figure = accuracy_figure(summary)
+    return _png(figure) if figure else None
+
+
+def accuracy_figure(summary: dict) -> Figure | None:
+    """Strict and flexible exact match of both models, with their intervals, on an axis that fits them."""
     acc = summary["accuracy"]
     if acc["base"]["value"] is None and acc["tuned"]["value"] is None:
         return None
-    figure, axes = _figure("Exact match on the evaluation set (95% Wilson interval)", "", "accuracy (%)")
+    figure, axes = _figure("Exact match on the evaluation set (95% Wilson interval)", "", f"accuracy (%), {SCALED}")
     _accuracy_bars(axes, ["strict", "flexible"], {
         "base": [acc["base"], acc["flexible"]["base"]], "tuned": [acc["tuned"], acc["flexible"]["tuned"]]})
-    return _png(figure)
+    return figure
 
 
 def accuracy_by_steps_plot(summary: dict) -> bytes | None:
+    figure = accuracy_by_steps_figure(summary)
+    return _png(figure) if figure else None
+
+
+def accuracy_by_steps_figure(summary: dict) -> Figure | None:
     by_steps = {name: {b["steps"]: b for b in summary["accuracy"]["by_steps"][name] or []} for name in ("base", "tuned")}
     steps = sorted(by_steps["base"].keys() | by_steps["tuned"].keys())
     if not steps:
         return None
     figure, axes = _figure("Exact match by number of reasoning steps (95% Wilson interval)",
-                           "lines in the gold solution", "accuracy (%)")
+                           "lines in the gold solution", f"accuracy (%), {SCALED}")
     _accuracy_bars(axes, [str(s) for s in steps],
                    {name: [by_steps[name].get(s) for s in steps] for name in ("base", "tuned") if by_steps[name]})
-    return _png(figure)
+    return figure
+
+
+def share_axis_top(highest_pct: float) -> float:
+    """The top of an accuracy axis (percent) for values up to `highest_pct` (interval tops included): 15% above
+    it, room for the value labels; at least 1 point, so an all-zero plot still has an axis; at most 105."""
+    return min(105.0, max(1.0, highest_pct * 1.15))
 
 
 def exact_match_plot(metrics: list[dict], step_axis: tuple[float, float] | None) -> bytes | None:
@@ -123,15 +143,58 @@ def exact_match_plot(metrics: list[dict], step_axis: tuple[float, float] | None)
     em_steps, em, _ = series(metrics, "eval", "eval_exact_match_strict")
     if not em_steps:
         return None
-    figure, axes = _figure("Exact match on validation problems during training", "step", "exact match (%)")
+    figure, axes = _figure("Exact match on validation problems during training", "step", f"exact match (%), {SCALED}")
     axes.plot(em_steps, [v * 100 for v in em], "o-", color=COLORS["tuned"], markersize=4, label="strict")
     flex_steps, flex, _ = series(metrics, "eval", "eval_exact_match_flexible")
     if flex_steps:
         axes.plot(flex_steps, [v * 100 for v in flex], "s--", color=COLORS["base"], markersize=3, label="flexible")
     if step_axis:
         axes.set_xlim(step_axis)
-    axes.set_ylim(0, max([10.0, *(v * 115 for v in em + flex)]))  # shares: never below 0%, zeros stay readable
+    axes.set_ylim(0, share_axis_top(max(v * 100 for v in em + flex)))
     axes.legend(fontsize=8, frameon=False)
+    return _png(figure)
+
+
+# --- several runs (mathtune compare) ----------------------------------------------------------------------------------
+
+RUN_COLORS = ["#1f5fa8", "#d9622b", "#2e8b57", "#8e44ad", "#b8860b", "#c0392b", "#16a085", "#7f8c8d"]
+
+
+def run_color(index: int) -> str:
+    """The colour of the index-th run in every comparison plot."""
+    return RUN_COLORS[index % len(RUN_COLORS)]
+
+
+def loss_overlay_plot(runs: list[tuple[str, list[dict]]]) -> bytes | None:
+    """Training loss (rolling mean, solid) and validation loss (dashed, dots) of several runs on one pair of axes;
+    `runs`: (name, metrics.jsonl records) per run. None when no run logged a loss."""
+    figure, axes = _figure("Loss of each run", "step", "loss")
+    drawn = False
+    for index, (name, metrics) in enumerate(runs):
+        metrics = latest_per_step(metrics)
+        train_steps, train_losses, _ = series(metrics, "train", "loss")
+        eval_steps, eval_losses, _ = series(metrics, "eval", "eval_loss")
+        if train_steps:
+            axes.plot(train_steps, rolling_mean(train_losses), color=run_color(index), linewidth=1.6,
+                      label=f"{name}: training (rolling mean of {SMOOTHING})")
+        if eval_steps:
+            axes.plot(eval_steps, eval_losses, "o--", color=run_color(index), markersize=3.5, linewidth=1.2,
+                      label=f"{name}: validation")
+        drawn = drawn or bool(train_steps or eval_steps)
+    if not drawn:
+        return None
+    axes.legend(fontsize=8, frameon=False)
+    return _png(figure)
+
+
+def accuracy_runs_plot(runs: list[tuple[str, dict]]) -> bytes | None:
+    """Base and tuned strict exact match of several runs with their intervals; `runs`: (name, summary) per run."""
+    accs = [(name, summary.get("accuracy") or {}) for name, summary in runs]
+    if not any((acc.get(model) or {}).get("value") is not None for _, acc in accs for model in ("base", "tuned")):
+        return None
+    figure, axes = _figure("Exact match (strict) of each run (95% Wilson interval)", "", f"accuracy (%), {SCALED}")
+    _accuracy_bars(axes, [name for name, _ in accs],
+                   {model: [acc.get(model) for _, acc in accs] for model in ("base", "tuned")})
     return _png(figure)
 
 
@@ -156,8 +219,10 @@ def _png(figure: Figure) -> bytes:
 
 
 def _accuracy_bars(axes, groups: list[str], models: dict[str, list[dict | None]]) -> None:
-    """Grouped bars of accuracy in percent with 95% interval whiskers; an absent figure leaves a gap."""
+    """Grouped bars of accuracy in percent with 95% interval whiskers; an absent figure leaves a gap. The axis runs
+    from 0 to just above the highest interval, so 0.8% against 3.2% is not two slivers under an empty 100%."""
     width = 0.8 / len(models)
+    highest = 0.0
     for offset, (name, accs) in enumerate(models.items()):
         xs = [i + (offset - (len(models) - 1) / 2) * width for i in range(len(groups))]
         for x, acc in zip(xs, accs):
@@ -167,10 +232,12 @@ def _accuracy_bars(axes, groups: list[str], models: dict[str, list[dict | None]]
             axes.bar(x, acc["value"] * 100, width * 0.9, color=COLORS[name], label=name)
             axes.errorbar(x, acc["value"] * 100, yerr=[[(acc["value"] - low) * 100], [(high - acc["value"]) * 100]],
                           color="#222", capsize=4, linewidth=1)
-            axes.annotate(f"{acc['value'] * 100:.0f}%", (x, high * 100), textcoords="offset points", xytext=(0, 3),
-                          ha="center", fontsize=8, color="#222")
+            highest = max(highest, high * 100)
+            value = acc["value"] * 100
+            axes.annotate(f"{value:.{1 if 0 < value < 10 else 0}f}%", (x, high * 100), textcoords="offset points",
+                          xytext=(0, 3), ha="center", fontsize=8, color="#222")
     axes.set_xticks(range(len(groups)), groups)
-    axes.set_ylim(0, 105)
+    axes.set_ylim(0, share_axis_top(highest))
     handles, labels = axes.get_legend_handles_labels()
     unique = dict(zip(labels, handles))
     if unique:

@@ -44,11 +44,16 @@ def recommendations(summary: dict) -> list[dict]:
         })
     acc = summary["accuracy"]
     if acc["mcnemar_p"] is not None and acc["mcnemar_p"] >= ALPHA:
+        needed = acc.get("problems_for_5_points")
         items.append({
             "text": "Evaluate on more problems (eval.limit): the accuracy difference is within what chance "
-            "produces on this many paired problems.",
+            "produces on this many paired problems"
+            + (f"; finding a 5-point gain with {acc['detectable_at']['power']:.0%} power takes {needed:,} of them."
+               if needed else "."),
             "evidence": {"accuracy.gain_points": acc["gain_points"], "accuracy.mcnemar_p": acc["mcnemar_p"],
-                         "accuracy.paired.n": acc["paired"]["n"]},
+                         "accuracy.paired.n": acc["paired"]["n"],
+                         "accuracy.min_detectable_gain_points": acc.get("min_detectable_gain_points"),
+                         "accuracy.problems_for_5_points": needed},
         })
     return items
 

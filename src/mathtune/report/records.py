@@ -34,6 +34,8 @@ class RunRecords:
     # Question text and gold step count by problem id, from the data source and from the records themselves
     questions: dict[str, str] = field(default_factory=dict)
     gold_steps: dict[str, int] = field(default_factory=dict)
+    # The gold solution text of the base and tuned evaluations' problems, where the data source is on this machine
+    solutions: dict[str, str] = field(default_factory=dict)
 
 
 def data_location(data_info: dict | None) -> str | None:
@@ -56,9 +58,10 @@ def read_config(path: Path, notes: list[str]) -> dict:
 
 
 def source_problems(data_info: dict | None, ids: set[str]) -> dict[str, dict]:
-    """Question text and gold step count of problems named only by id, from where the run got them.
+    """Question text, gold solution and gold step count of problems named by id, from where the run got them.
 
-    example_losses.jsonl names validation problems by id alone. Generated problems are regenerated
+    example_losses.jsonl names validation problems by id alone, and predictions.jsonl holds the gold
+    answer but not the solution. Generated problems are regenerated
     from their seed (generate(n, seed) is a prefix of every longer run); GSM8K problems are re-read
     from the run's local files when they exist on this machine. Hub data is not fetched: rendering
     a report must not need the network.
@@ -79,7 +82,7 @@ def source_problems(data_info: dict | None, ids: set[str]) -> dict[str, dict]:
             path = Path(location) / f"{split}.jsonl"
             if path.exists():
                 problems += data.read_problems(path, split, skip_invalid=True)[0]
-    return {p["id"]: {"question": p["question"], "gold_steps": count_reasoning_steps(p["answer"])}
+    return {p["id"]: {"question": p["question"], "solution": p["answer"], "gold_steps": count_reasoning_steps(p["answer"])}
             for p in problems if p["id"] in ids}
 
 
@@ -90,8 +93,9 @@ def load_run(run_dir: Path) -> tuple[RunRecords, list[str]]:
     example_losses = read_jsonl(run_dir / "example_losses.jsonl")
     preds = {name: read_jsonl(run_dir / "eval" / name / "predictions.jsonl") or None for name in EVALUATIONS}
     scores = {name: read_json(run_dir / "eval" / name / "scores.json") for name in EVALUATIONS}
-    # Question text and gold steps: from the data source, then from any record that carries them.
-    problems = source_problems(data_info, {r["id"] for r in example_losses if isinstance(r.get("id"), str)})
+    # Question text, solution and gold steps: from the data source, then from any record that carries them.
+    named = example_losses + [r for name in ("base", "tuned") for r in preds[name] or []]
+    problems = source_problems(data_info, {r["id"] for r in named if isinstance(r.get("id"), str)})
     for record in example_losses + [r for name in EVALUATIONS for r in preds[name] or []]:
         if isinstance(record.get("id"), str) and isinstance(record.get("question"), str):
             problems.setdefault(record["id"], {}).update(
@@ -106,5 +110,6 @@ def load_run(run_dir: Path) -> tuple[RunRecords, list[str]]:
         scores=scores,
         questions={i: p["question"] for i, p in problems.items() if "question" in p},
         gold_steps={i: p["gold_steps"] for i, p in problems.items() if "gold_steps" in p},
+        solutions={i: p["solution"] for i, p in problems.items() if "solution" in p},
     )
     return records, notes

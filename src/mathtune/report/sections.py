@@ -33,6 +33,7 @@ SECTIONS = (
                 note="Markdown: two rows of the accuracy table, one per model."),
         Section("regressions", "Regressions: solved by the base model, missed after tuning"),
     )),
+    Section("examples", "What the model wrote"),
     Section("robustness", "Robustness"),
     Section("training", "Training", parts=(
         Section("final_phase", "Final phase", formats=("html",),

@@ -8,19 +8,23 @@ the records do not support is None, with a sentence in `missing`.
 from __future__ import annotations
 
 from mathtune import synthetic
+from mathtune.config import ReportConfig
 from mathtune.report.cost import cost, throughput
 from mathtune.report.curves import (
     detect_overfitting, early_stopping, final_phase, generalisation_gap, latest_per_step, loss_decrease_pct, loss_ends,
     loss_vs_exact_match, series,
 )
-from mathtune.report.definitions import definitions
+from mathtune.report.definitions import PLANNING_GAIN_POINTS, definitions
+from mathtune.report.examples import select_examples
 from mathtune.report.hard_examples import (
     OUTLIER_Z, last_evaluation_losses, outlier_loss_cutoff, robust_outliers, tag_clusters,
 )
 from mathtune.report.recommendations import recommendations
 from mathtune.report.records import RunRecords, data_location
+from mathtune.report.stats import ALPHA as TEST_ALPHA
 from mathtune.report.stats import (
-    NotComputable, accuracy, accuracy_by_steps, arithmetic_slip_share, mcnemar_exact_p, paired_table, regressions,
+    POWER, NotComputable, accuracy, accuracy_by_steps, arithmetic_slip_share, mcnemar_exact_p, min_detectable_gain,
+    paired_table, problems_needed, regressions,
 )
 
 
@@ -54,6 +58,7 @@ def build_summary(records: RunRecords) -> dict:
         "outliers": outliers,
         "outlier_stats": outlier_stats,
         "accuracy": acc,
+        "examples": _examples(preds, records.solutions or {}, config, notes),
         "robustness": robustness,
         "evaluation": {name: {k: (scores[name] or {}).get(k) for k in ("split", "n", "shots", "max_new_tokens", "hardware")}
                        for name in ("base", "tuned")},
@@ -278,7 +283,52 @@ def _answers(preds: dict, scores: dict, missing: list[str], notes: list[str]) ->
     acc.update(_gain(acc, preds, scores, missing))
     if acc["gain_n"] and acc["gain_note"]:
         notes.append(acc["gain_note"])
+    acc.update(_detectable(acc, missing, notes))
     return acc
+
+
+def _detectable(acc: dict, missing: list[str], notes: list[str]) -> dict:
+    """The smallest gain this paired evaluation could have detected, and the problems a 5-point gain needs."""
+    figures = {"discordant_rate": None, "min_detectable_gain_points": None, "problems_for_5_points": None,
+               "detectable_at": {"alpha": TEST_ALPHA, "power": POWER}}
+    paired = acc["paired"]
+    if paired is None:
+        if acc["base"]["value"] is not None and acc["tuned"]["value"] is not None:
+            missing.append("Without both models' predictions on shared problems there is no paired table, so the "
+                           "smallest detectable gain and the problems needed for a 5-point gain are not computed.")
+        return figures
+    discordant = (paired["only_base"] + paired["only_tuned"]) / paired["n"]
+    gain = _attempt(missing, min_detectable_gain, paired["n"], discordant)
+    figures.update(discordant_rate=discordant, min_detectable_gain_points=None if gain is None else gain * 100,
+                   problems_for_5_points=problems_needed(PLANNING_GAIN_POINTS / 100, discordant))
+    if discordant == 0:
+        notes.append(f"No problem changed sides between the models on the {paired['n']} paired problems, so the "
+                     "smallest detectable gain and the problems needed assume that none gets worse after tuning "
+                     "(the discordant rate equals the gain): the most favourable case, so both are lower bounds.")
+    return figures
+
+
+def _examples(preds: dict, solutions: dict[str, str], config: dict, notes: list[str]) -> dict | None:
+    """What the model wrote: a seeded few problems per outcome (report.examples_per_group, report.examples_seed)."""
+    if not preds["base"] or not preds["tuned"]:
+        return None
+    defaults, chosen = ReportConfig(), {}
+    settings = config.get("report") if isinstance(config.get("report"), dict) else {}
+    for key, least in (("examples_per_group", 0), ("examples_seed", None)):
+        value = settings.get(key, getattr(defaults, key))
+        if isinstance(value, bool) or not isinstance(value, int) or (least is not None and value < least):
+            notes.append(f"config.yaml's report.{key} is {value!r}, not a whole number{' >= 0' if least == 0 else ''}: "
+                         f"the report uses {getattr(defaults, key)}.")
+            value = getattr(defaults, key)
+        chosen[key] = value
+    groups = select_examples(preds["base"], preds["tuned"], chosen["examples_per_group"], chosen["examples_seed"],
+                             solutions)
+    unsolved = sum(e["gold_solution"] is None for g in groups for e in g["shown"])
+    if unsolved:
+        notes.append(f"{unsolved} problem(s) in What the model wrote are shown without their gold solution: "
+                     "predictions.jsonl holds the answer only, and the run's data source does not have them on this "
+                     "machine (GSM8K from the Hub is not fetched to render a report).")
+    return {"per_group": chosen["examples_per_group"], "seed": chosen["examples_seed"], "groups": groups}
 
 
 NO_PAIRED_GAIN = "Base and tuned were scored on different problems: no paired gain"

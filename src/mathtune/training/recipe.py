@@ -27,6 +27,7 @@ from mathtune.training.rundir import (
     trim_metrics_after, write_run_record,
 )
 from mathtune.training.settings import lora_config, sft_config
+from mathtune.training.trackers import check_installed, place_logs
 from mathtune.training.trainer import MathTuneTrainer
 
 
@@ -41,6 +42,7 @@ def train(config: Config, overwrite: bool = False, resume: bool = False, merge: 
     # A directory that may not be used, bad data, or a model (config, tokenizer, weights) that cannot be
     # loaded fail here, before the run directory is touched: even --overwrite keeps the old run.
     check_run_dir(run_dir, overwrite=overwrite, resume=resume)
+    check_installed(config.train.report_to)
     dataset = data_module.load_dataset(config.data)
     train_problems, validation_problems = data_module.run_split(config.data, dataset)
     tokenizer = load_tokenizer(config.model.name, config.model.revision)
@@ -74,6 +76,7 @@ def train(config: Config, overwrite: bool = False, resume: bool = False, merge: 
         max_tokens_per_pass=config.train.max_tokens_per_pass,
         speedups_flags=config.speedups,
     )
+    place_logs(trainer.callback_handler.callbacks, run_dir)
     if checkpoint:
         trainer.restore_counters(checkpoint)
     result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)

@@ -51,7 +51,8 @@ def sft_config(config: Config, run_dir: Path, dtype: torch.dtype):
         padding_free=True,
         max_length=None,  # long examples are dropped in batches.tokenize, never truncated
         completion_only_loss=True,
-        report_to="none",
+        report_to=list(t.report_to) or "none",  # trackers.py checks the names and puts TensorBoard's files
+        run_name=config.name,  # what the trackers call the run
         use_cpu=not torch.cuda.is_available(),  # also what makes a multi-process CPU launch use gloo
         dataloader_num_workers=0,
         save_only_model=False,
