@@ -18,8 +18,9 @@ import torch
 
 from mathtune.answers import extract_answer
 from mathtune.data import format_prompt, read_problems
-from mathtune.evaluate import cut_generation, generate_answers
+from mathtune.evaluate import generate_answers
 from mathtune.models import load_model, load_tokenizer
+from mathtune.stopping import STOP_RULES
 
 DATA = Path(os.environ.get("MATHTUNE_DATA") or Path(__file__).resolve().parents[1].parent / "shared/data/gsm8k")
 
@@ -30,7 +31,7 @@ def one_at_a_time(model, tokenizer, prompts: list[str], max_new_tokens: int) -> 
     for prompt in prompts:
         inputs = tokenizer(prompt, return_tensors="pt").to(model.device)
         new = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)[0, inputs["input_ids"].shape[1]:]
-        texts.append(cut_generation(tokenizer.decode(new, skip_special_tokens=True)))
+        texts.append(STOP_RULES["mathtune"].cut(tokenizer.decode(new, skip_special_tokens=True)))
         n_tokens += len(new)
     return texts, n_tokens
 
