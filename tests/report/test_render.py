@@ -133,3 +133,16 @@ def test_markdown_escapes_values_from_run_files(tmp_path):
     assert "8 \\| &lt;b&gt;x&lt;/b&gt;-shot" in markdown and "eval_loss \\| &lt;script&gt;z" in markdown
     html = (run / "report.html").read_text()
     assert "<b>x" not in html and "<script>z" not in html
+
+
+def test_the_evaluation_protocol_is_named_where_the_scores_give_it(tmp_path):
+    run = make_run(tmp_path)
+    write_report(run)
+    assert "protocol" not in (run / "report.md").read_text().split("\n## ", 1)[0]  # scores.json without one
+    for name in ("base", "tuned"):
+        path = run / "eval" / name / "scores.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), "protocol": "lm-eval"}))
+    summary = write_report(run)
+    assert summary["evaluation"]["tuned"]["protocol"] == "lm-eval"
+    assert "tuned 0-shot, protocol lm-eval" in (run / "report.md").read_text().split("\n## ", 1)[0]
+    assert "tuned 0-shot, protocol lm-eval" in (run / "report.html").read_text().split("<h2", 1)[0]
