@@ -30,10 +30,11 @@ from mathtune import data as data_module
 from mathtune.answers import extract_answer
 from mathtune.config import load_config
 from mathtune.data import fewshot_prompt
-from mathtune.evaluate import choose_fewshot_examples, cut_generation
+from mathtune.evaluate import choose_fewshot_examples
 from mathtune.models import PACKAGED_GEMMA, load_model, load_tokenizer
 from mathtune.pipeline import evaluation_problems, run_evaluation
 from mathtune.runfiles import read_jsonl
+from mathtune.stopping import STOP_RULES
 
 FULL_TEST = 1319
 
@@ -113,7 +114,7 @@ def main() -> None:
             if shots == args.shots:
                 ours = [records[p["id"]]["generation"] for p in first]
 
-    agree = sum(extract_answer(cut_generation(a)) == extract_answer(b) for a, b in zip(base_texts, ours))
+    agree = sum(extract_answer(STOP_RULES["mathtune"].cut(a)) == extract_answer(b) for a, b in zip(base_texts, ours))
     same = sum(a.startswith(b) for a, b in zip(base_texts, ours))  # generate ran on past our stop point
     print(f"same text up to the stop point: {same}/{len(first)}; same strict answer: {agree}/{len(first)}")
     for shots, rate in rates.items():

@@ -24,6 +24,9 @@ from mathtune.answers import (
     count_reasoning_steps,
     extract_answer,
     gold_answer,
+    harness_answer,
+    harness_clean,
+    harness_correct,
     has_arithmetic_slip,
     is_correct,
     normalize_number,
@@ -89,6 +92,58 @@ def test_is_correct(predicted: str | None, gold: str, expected: bool) -> None:
     assert is_correct(predicted, gold) is expected
 
 
+HARNESS_GENERATIONS = [  # (generation, strict, flexible) as lm-evaluation-harness's gsm8k task reads them
+    ("She has 48 + 24 = 72 clips.\n#### 72", "72", "72"),
+    ("#### 1,000", "1000", "1000"),
+    ("The total is $1,234.50.\n#### $1,234.50", None, "1234.50"),
+    ("#### 72.", "72", "72"),
+    ("#### 72.00", "72.00", "72.00"),
+    ("#### 72..", "72.", "72."),  # one trailing dot deleted
+    ("#### 10\nwait, no\n#### 20", "10", "20"),
+    ("I don't know.", None, None),
+    ("####72", None, "72"),
+    ("The answer is 5...", None, "5.."),
+    ("#### 5 see section 1.2.3", "5", "1.2.3"),  # the last match, number or not
+    ("It costs 3-4 dollars", None, "-4"),
+    ("#### ,", "", None),  # a match that cleans to nothing; flexible finds none
+]
+
+
+@pytest.mark.parametrize("text,strict,flexible", HARNESS_GENERATIONS)
+def test_harness_answer(text: str, strict: str | None, flexible: str | None) -> None:
+    assert harness_answer(text) == harness_answer(text, "strict") == strict
+    assert harness_answer(text, "flexible") == flexible
+
+
+@pytest.mark.parametrize("answer,solution,mathtune,harness", [  # strict answers against a gold solution
+    ("#### 72", "She sold 72.\n#### 72", True, True),
+    ("#### 72.0", "#### 72", True, False),
+    ("#### 072", "#### 72", True, False),
+    ("#### 72..", "#### 72", True, False),
+    ("#### 72.", "#### 72", True, True),
+    ("#### 1,000.", "#### 1000", True, True),
+    ("#### 1000", "Costs $5.\n#### 1,000", True, True),
+    ("#### -3", "#### -3", True, True),
+    ("#### 3", "#### -3", False, False),
+    ("no answer", "#### 72", False, False),
+])
+def test_the_two_comparisons(answer: str, solution: str, mathtune: bool, harness: bool) -> None:
+    assert is_correct(extract_answer(answer), gold_answer(solution)) is mathtune
+    assert harness_correct(harness_answer(answer), solution) is harness
+
+
+def test_dollars_commas_and_one_trailing_dot_are_ignored_by_both() -> None:
+    text = "So she paid $1,000."
+    assert extract_answer(text, "flexible") == "1000" and harness_answer(text, "flexible") == "1000"
+    assert is_correct(extract_answer(text, "flexible"), "1000") and harness_correct(harness_answer(text, "flexible"), "#### 1000")
+
+
+def test_harness_clean() -> None:
+    assert harness_clean("48/2 = <<48/2=24>>24 #### 9\nThen #### $1,500.") == "1500"  # after the last '#### '
+    assert harness_clean("72..") == "72." and harness_clean("[INVALID]") == "[invalid]"
+    assert not harness_correct(None, "#### 72") and not harness_correct("72", "#### 7")
+
+
 def test_gold_answer_and_steps() -> None:
     solution = "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\n\nShe sold 48+24 = <<48+24=72>>72.\n#### 72"
     assert gold_answer(solution) == "72"
@@ -127,6 +182,8 @@ def test_gsm8k_gold_answers_extract(gsm8k: dict[str, list[dict]]) -> None:
             assert Decimal(extract_answer(solution)) == Decimal(written), f"{split}-{i}"
             assert extract_answer(solution) == gold_answer(solution) == extract_answer(solution, "flexible")
             assert is_correct(written, gold_answer(solution))
+            # The harness's reference is the same text, so `gold` means the same under both protocols.
+            assert harness_clean(solution) == harness_answer(solution) == gold_answer(solution), f"{split}-{i}"
             assert count_reasoning_steps(solution) >= 1
 
 

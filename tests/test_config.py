@@ -68,3 +68,29 @@ def test_report_settings_default_and_override():
     assert (load_config("tiny").report.examples_per_group, load_config("tiny").report.examples_seed) == (3, 0)
     config = load_config("tiny", ["report.examples_per_group=0", "report.examples_seed=9"])
     assert (config.report.examples_per_group, config.report.examples_seed) == (0, 9)
+
+
+def test_eval_protocol_defaults_to_mathtune_and_lm_eval_means_five_shots():
+    config = load_config("tiny")
+    assert config.eval.protocol == "mathtune" and config.eval.base_shots == config.eval.shots == 1
+    config = load_config("tiny", ["eval.protocol=lm-eval", "eval.shots=3"])
+    assert config.eval.protocol == "lm-eval" and config.eval.base_shots == 5  # eval.shots is not used
+
+
+@pytest.mark.parametrize("value, message", [
+    ("lm_eval", r"eval.protocol must be one of \['mathtune', 'lm-eval'\], got 'lm_eval' \(did you mean 'lm-eval'\?\)"),
+    ("harness", r"eval.protocol must be one of \['mathtune', 'lm-eval'\], got 'harness'"),
+    ("5", "eval.protocol must be of type str, got 5"),
+])
+def test_an_unknown_protocol_is_refused_naming_the_key_and_the_choices(value, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config("tiny", [f"eval.protocol={value}"])
+
+
+def test_the_protocol_is_set_from_the_command_line(capsys):
+    from mathtune.cli import build_parser, config_from_args, main
+
+    args = build_parser().parse_args(["eval", "--preset", "tiny", "--model", "m", "--set", "eval.protocol=lm-eval"])
+    assert config_from_args(args).eval.protocol == "lm-eval"
+    assert main(["eval", "--preset", "tiny", "--model", "m", "--set", "eval.protocol=lmeval"]) == 2
+    assert "eval.protocol must be one of" in capsys.readouterr().err

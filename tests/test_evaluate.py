@@ -1,18 +1,22 @@
-"""Batched generation against `generate`, the stop rules, and predictions/scores files with resume."""
+"""Batched generation against `generate` under each stop rule, scoring, worked examples, and
+predictions/scores files with resume."""
 
 from __future__ import annotations
 
 import json
+import random
+import re
 
 import pytest
 import torch
 
 from mathtune.evaluate import (
-    EvalError, choose_fewshot_examples, cut_generation, evaluate_problems, finished, generate_answers, score_record,
+    EvalError, choose_fewshot_examples, evaluate_problems, generate_answers, harness_fewshot_examples, score_record,
     summarize,
 )
 from mathtune.generation import decode
 from mathtune.models import load_model, load_tokenizer
+from mathtune.stopping import STOP_RULES, StopRule
 
 PROBLEMS = [
     {"id": f"test-{i}", "question": question, "answer": answer}
@@ -39,27 +43,12 @@ def tiny():
     return load_model("tiny-random", dtype="float32"), load_tokenizer("tiny-random")
 
 
-def run_eval(tiny, out_dir, problems, label="tiny-random"):
+def run_eval(tiny, out_dir, problems, label="tiny-random", protocol="mathtune"):
     model, tokenizer = tiny
     return evaluate_problems(
         model, tokenizer, problems, out_dir, fewshot_examples=None, model_label=label,
-        max_new_tokens=12, batch_size=4, progress=False,
+        max_new_tokens=12, batch_size=4, progress=False, protocol=protocol,
     )
-
-
-@pytest.mark.parametrize("text, done, cut", [
-    ("She has 6 + 36 = 42.\n#### 42\n", True, "She has 6 + 36 = 42.\n#### 42\n"),
-    ("She has 42.\n#### 4", False, "She has 42.\n#### 4"),
-    ("#### 42", False, "#### 42"),
-    ("So 42.\n#### -1,200.5\nQ", True, "So 42.\n#### -1,200.5\nQ"),
-    ("So 42.\n\nQuestion: Tom has", True, "So 42."),
-    ("So 42.\nQuestion:", True, "So 42."),
-    ("So 42.\n\nQuestion", False, "So 42.\n\nQuestion"),
-    ("The Question: is 2\n", False, "The Question: is 2\n"),
-])
-def test_stop_rules(text, done, cut):
-    assert finished(text) is done
-    assert cut_generation(text) == cut
 
 
 PROMPTS = [
@@ -68,9 +57,9 @@ PROMPTS = [
 ]
 
 
-def assert_batched_equals_generate(model, tokenizer, max_new: int = 30) -> list[int]:
+def assert_batched_equals_generate(model, tokenizer, max_new: int = 30, rule=STOP_RULES["mathtune"]) -> list[int]:
     """Batched generation (2 batches, left padding) against generate on each prompt alone; the token counts."""
-    ours = {i: (text, n) for i, text, n in generate_answers(model, tokenizer, PROMPTS, max_new, 3, progress=False)}
+    ours = {i: (text, n) for i, text, n in generate_answers(model, tokenizer, PROMPTS, max_new, 3, False, rule)}
 
     def text(ids):
         return tokenizer.decode(ids, skip_special_tokens=True)
@@ -78,12 +67,17 @@ def assert_batched_equals_generate(model, tokenizer, max_new: int = 30) -> list[
     for i, prompt in enumerate(PROMPTS):
         inputs = tokenizer(prompt, return_tensors="pt")
         new = model.generate(**inputs, max_new_tokens=max_new, do_sample=False)[0, inputs["input_ids"].shape[1]:]
-        stop = next(k for k in range(1, len(new) + 1) if k == len(new) or finished(text(new[:k])))  # EOS ends new
-        assert ours[i] == (cut_generation(text(new[:stop])), stop), prompt
+        stop = next(k for k in range(1, len(new) + 1) if k == len(new) or rule.finished(text(new[:k])))  # EOS ends new
+        assert ours[i] == (rule.cut(text(new[:stop])), stop), prompt
     return [n for _, n in ours.values()]
 
 
-def test_batched_generation_equals_one_at_a_time_generate(tiny, monkeypatch):
+# A rule the random model meets: rows end on it (and are cut) at different steps, not only on stop ids.
+ON_W = StopRule("on-w", (re.compile("w"),), (re.compile("w"),), frozenset("w"))
+
+
+@pytest.mark.parametrize("rule", [*STOP_RULES.values(), ON_W], ids=[*STOP_RULES, "on-w"])
+def test_batched_generation_equals_one_at_a_time_generate(tiny, monkeypatch, rule):
     model, tokenizer = tiny
     # Stop on EOS and on two characters the random model emits, so rows end at different steps.
     stop_ids = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("r"), tokenizer.convert_tokens_to_ids("8")]
@@ -91,7 +85,7 @@ def test_batched_generation_equals_one_at_a_time_generate(tiny, monkeypatch):
     dropped = []
     close = decode._close_holes
     monkeypatch.setattr(decode, "_close_holes", lambda kv, live, done: (dropped.append(len(done)), close(kv, live, done))[1])
-    lengths = assert_batched_equals_generate(model, tokenizer)
+    lengths = assert_batched_equals_generate(model, tokenizer, rule=rule)
     assert min(lengths) < 30 and len(set(lengths)) > 2  # rows really stopped at different steps
     assert dropped  # and finished rows left the batch
 
@@ -119,6 +113,62 @@ def test_records_and_scores_of_known_generations():
     assert (scores["strict"]["correct"], scores["flexible"]["correct"], scores["n"]) == (1, 2, 3)
     assert scores["arithmetic_slip_share"] == 0.5  # of the two wrong answers, one has a slip
     assert {k: (v["correct"], v["total"]) for k, v in scores["accuracy_by_steps"].items()} == {"1": (1, 2), "2": (0, 1)}
+
+
+@pytest.mark.parametrize("generation, mathtune, lm_eval", [
+    (" 3 + 4 = 7\n#### 7\n", ("7", "7", True, True), ("7", "7", True, True)),
+    (" 3 + 4 = 7.0\n#### 7.0\n", ("7", "7", True, True), ("7.0", "7.0", False, False)),
+    (" It is 7..", (None, "7", False, True), (None, "7.", False, False)),
+    (" It is 7 ...", (None, "7", False, True), (None, "..", False, False)),  # the harness takes the last match
+    (" It is $7.", (None, "7", False, True), (None, "7", False, True)),
+    (" #### 07\n", ("7", "7", True, True), ("07", "07", False, False)),
+    (" No idea.", (None, None, False, False), (None, None, False, False)),
+])
+def test_records_under_each_protocol(generation, mathtune, lm_eval):
+    """pred_strict, pred_flexible, correct_strict, correct_flexible: mathtune's numbers or the harness's strings."""
+    for protocol, expected in (("mathtune", mathtune), ("lm-eval", lm_eval)):
+        record = score_record(PROBLEMS[0], generation, 5, protocol)
+        assert (record["pred_strict"], record["pred_flexible"], record["correct_strict"],
+                record["correct_flexible"]) == expected, protocol
+        assert record["gold"] == "7" and set(record) == RECORD_FIELDS - {"time_s"}
+
+
+def test_harness_fewshot_examples_are_its_seeded_draws_in_test_file_order():
+    train = [{"id": f"train-{i}", "question": f"q{i}", "answer": f"#### {i}"} for i in range(30)]
+    problems = [{"id": "test-3", "question": "a"}, {"id": "test-0", "question": "b"}]
+    chosen = harness_fewshot_examples(train, problems, k=5)
+    rng = random.Random(1234)  # lm-evaluation-harness: one Random(fewshot seed), one sample per test line in turn
+    draws = [rng.sample(train, 5) for _ in range(4)]
+    assert chosen == {"test-3": draws[3], "test-0": draws[0]}
+    assert chosen["test-3"] != chosen["test-0"] and len({ex["id"] for ex in chosen["test-3"]}) == 5
+    assert harness_fewshot_examples(train, problems, k=5, seed=7) != chosen
+    # Not reproducible: a training line missing, or problems that are no test-file lines.
+    assert harness_fewshot_examples(train[:3] + train[4:], problems, k=5) is None
+    assert harness_fewshot_examples(train, [{"id": "train-3", "question": "a"}], k=5) is None
+    assert harness_fewshot_examples(train, [{"id": "synthetic-7-0", "question": "a"}], k=5) is None
+
+
+def test_each_problem_gets_its_own_examples_and_the_protocols_stop_rule(tmp_path, monkeypatch):
+    from mathtune import evaluate
+
+    seen = {}
+
+    def fake_generate(model, tokenizer, prompts, max_new_tokens, batch_size, progress, stop_rule):
+        seen["prompts"], seen["rule"] = prompts, stop_rule
+        for index in range(len(prompts)):
+            yield index, " 7.0\n#### 7.0\n", 3
+
+    monkeypatch.setattr(evaluate, "generate_answers", fake_generate)
+    own = {p["id"]: [TRAIN[(i + 1) % 6]] for i, p in enumerate(PROBLEMS[:2])}
+    scores = evaluate_problems(None, None, PROBLEMS[:2], tmp_path, fewshot_examples=own, model_label="m",
+                               protocol="lm-eval")
+    assert seen["rule"] is STOP_RULES["lm-eval"]
+    assert [prompt.startswith(f"Question: {TRAIN[i + 1]['question']}") for i, prompt in enumerate(seen["prompts"])] \
+        == [True, True]
+    meta = json.loads((tmp_path / "meta.json").read_text())
+    assert meta["fewshot_ids"] == {"test-0": ["train-1"], "test-1": ["train-2"]} and meta["shots"] == 1
+    assert meta["protocol"] == scores["protocol"] == "lm-eval"
+    assert scores["strict"]["correct"] == 0  # '7.0' is not the harness's '7' (nor '60')
 
 
 def test_evaluate_writes_predictions_and_scores(tiny, tmp_path):
@@ -180,7 +230,7 @@ def test_generation_time_adds_up_across_interrupted_calls(tmp_path, monkeypatch)
     clock = [100.0]
     monkeypatch.setattr(evaluate.time, "perf_counter", lambda: clock[0])
 
-    def fake_generate(model, tokenizer, prompts, max_new_tokens, batch_size, progress, die_after=None):
+    def fake_generate(model, tokenizer, prompts, max_new_tokens, batch_size, progress, stop_rule, die_after=None):
         for index in range(len(prompts)):
             if index == die_after:
                 raise KeyboardInterrupt
@@ -196,3 +246,29 @@ def test_generation_time_adds_up_across_interrupted_calls(tmp_path, monkeypatch)
     assert scores["elapsed_s"] == 30.0  # 6 problems x 5 s, not the second call's 20 s
     assert scores["problems_per_s"] == pytest.approx(6 / 30) and scores["generated_tokens_per_s"] == pytest.approx(18 / 30)
     assert run_eval((None, None), tmp_path, PROBLEMS)["elapsed_s"] == 30.0  # a finished evaluation adds nothing
+
+
+def test_resuming_with_another_protocol_is_refused(tmp_path, monkeypatch):
+    from mathtune import evaluate
+
+    def fake_generate(model, tokenizer, prompts, max_new_tokens, batch_size, progress, stop_rule):
+        for index in range(len(prompts)):
+            yield index, "#### 7\n", 3
+
+    monkeypatch.setattr(evaluate, "generate_answers", fake_generate)
+    run_eval((None, None), tmp_path, PROBLEMS[:2])
+    assert json.loads((tmp_path / "scores.json").read_text())["protocol"] == "mathtune"
+    before = (tmp_path / "predictions.jsonl").read_bytes()
+    with pytest.raises(EvalError, match="protocol: 'mathtune' there, 'lm-eval' now.*another output directory"):
+        run_eval((None, None), tmp_path, PROBLEMS, protocol="lm-eval")
+    assert (tmp_path / "predictions.jsonl").read_bytes() == before
+    with pytest.raises(ValueError, match="protocol must be one of"):
+        run_eval((None, None), tmp_path / "other", PROBLEMS, protocol="harness")
+
+    # meta.json written before there were protocols: a mathtune evaluation, resumed as one.
+    meta = json.loads((tmp_path / "meta.json").read_text())
+    del meta["protocol"]
+    (tmp_path / "meta.json").write_text(json.dumps(meta))
+    assert run_eval((None, None), tmp_path, PROBLEMS)["generated_problems"] == 4
+    with pytest.raises(EvalError, match="protocol: 'mathtune' there, 'lm-eval' now"):
+        run_eval((None, None), tmp_path, PROBLEMS, protocol="lm-eval")

@@ -1,6 +1,7 @@
 """`mathtune run`, `eval`, `report` and `compare` end to end on the tiny model."""
 
 import json
+import random
 
 import pytest
 
@@ -136,3 +137,53 @@ def test_a_preset_given_with_a_run_directory_is_not_used(tiny_run_dir, gsm8k_dir
                  "--limit", "1", "--out", str(out)]) == 0
     assert "--preset cpu-demo is not used" in capsys.readouterr().err
     assert json.loads((out / "scores.json").read_text())["max_new_tokens"] == 16
+
+
+# --- protocol lm-eval ---------------------------------------------------------------------------
+
+
+def test_a_run_directorys_evaluation_is_not_resumed_under_another_protocol(tiny_run_dir, gsm8k_dir, tmp_path, capsys):
+    tuned = (tiny_run_dir / "eval/tuned/predictions.jsonl").read_bytes()
+    code = main(["eval", "--model", str(tiny_run_dir), "--data", str(gsm8k_dir), "--set", "eval.protocol=lm-eval"])
+    assert code == 2
+    assert "protocol: 'mathtune' there, 'lm-eval' now" in capsys.readouterr().err
+    assert (tiny_run_dir / "eval/tuned/predictions.jsonl").read_bytes() == tuned
+    out = tmp_path / "tuned-lm-eval"
+    assert main(["eval", "--model", str(tiny_run_dir), "--data", str(gsm8k_dir), "--set", "eval.protocol=lm-eval",
+                 "--out", str(out)]) == 0
+    scores = json.loads((out / "scores.json").read_text())
+    assert (scores["protocol"], scores["shots"], scores["n"]) == ("lm-eval", 0, 6)  # a tuned model: zero-shot
+
+
+def test_eval_of_a_base_model_under_lm_eval_shows_the_harness_examples(gsm8k_dir, tmp_path, capsys):
+    out = tmp_path / "base-lm-eval"
+    assert main(["eval", "--preset", "tiny", "--model", "tiny-random", "--data", str(gsm8k_dir), "--limit", "2",
+                 "--shots", "1", "--set", "eval.protocol=lm-eval", "--out", str(out)]) == 0
+    assert "protocol lm-eval" in capsys.readouterr().out
+    meta = json.loads((out / "meta.json").read_text())
+    assert (meta["protocol"], meta["shots"], len(meta["ids"])) == ("lm-eval", 1, 2)
+    rng = random.Random(1234)  # the harness: one sample of the 7,473 training lines per test line, in turn
+    draws = [f"train-{rng.sample(range(7473), 1)[0]}" for _ in range(1319)]
+    assert meta["fewshot_ids"] == {i: [draws[int(i.split("-")[1])]] for i in meta["ids"]}
+
+
+def test_the_base_models_worked_examples_under_each_protocol(capsys):
+    from mathtune import pipeline
+    from mathtune.config import load_config
+    from mathtune.data import Dataset
+
+    train = [{"id": f"train-{i}", "question": f"q{i}", "answer": f"#### {i}"} for i in range(20)]
+    test = [{"id": f"test-{i}", "question": f"t{i}", "answer": f"#### {i}"} for i in range(4)]
+    gsm8k, generated = Dataset("gsm8k-local", "dir", train, test), Dataset("synthetic", "seeds", train, test)
+    mathtune, lm_eval = load_config("tiny"), load_config("tiny", ["eval.protocol=lm-eval"])
+    run_train = train[:15]
+
+    shared = pipeline.fewshot_examples(mathtune, gsm8k, test, run_train, 2)
+    assert isinstance(shared, list) and len(shared) == 2 and all(ex in run_train for ex in shared)
+    own = pipeline.fewshot_examples(lm_eval, gsm8k, test, run_train, 5)
+    assert set(own) == {p["id"] for p in test} and all(len(shown) == 5 for shown in own.values())
+    assert any(ex not in run_train for shown in own.values() for ex in shown)  # the whole training file
+    assert capsys.readouterr().out == ""
+    fallback = pipeline.fewshot_examples(lm_eval, generated, test, run_train, 5)
+    assert isinstance(fallback, list) and len(fallback) == 5 and "note:" in capsys.readouterr().out
+    assert pipeline.fewshot_examples(lm_eval, gsm8k, test, run_train, 0) is None

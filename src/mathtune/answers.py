@@ -14,6 +14,8 @@ MODES = ("strict", "flexible")
 # The two filters of lm-evaluation-harness's gsm8k task, verbatim.
 STRICT_RE = re.compile(r"#### (\-?[0-9\.\,]+)")
 FLEXIBLE_RE = re.compile(r"(-?[$0-9.,]{2,})|(-?[0-9]+)")
+# Its exact_match metric's regexes_to_ignore, deleted in this order from answer and reference alike.
+HARNESS_IGNORE = tuple(re.compile(r) for r in (r",", r"\$", r"(?s).*#### ", r"\.$"))
 _NUMBER_RE = re.compile(r"-?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)")
 
 # -----------------------------------------------------------------------------
@@ -21,7 +23,7 @@ _NUMBER_RE = re.compile(r"-?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)")
 
 
 def _clean(s: str) -> str:
-    """Drop what the harness ignores too: thousands commas, '$', a trailing '.'."""
+    """Drop thousands commas, '$', surrounding whitespace and trailing dots (the harness drops one dot)."""
     return s.replace(",", "").replace("$", "").strip().rstrip(".")
 
 
@@ -43,21 +45,27 @@ def normalize_number(s: str) -> str | None:
     return _canonical(Decimal(s)) if _NUMBER_RE.fullmatch(s) else None
 
 
+def _matches(text: str, mode: str) -> list[str]:
+    """What a mode's regex matched, in the order answers are looked for: strict the first '#### N'
+    alone, flexible every match from the last one back (the harness's filter takes the first of these)."""
+    if mode == "strict":
+        m = STRICT_RE.search(text)
+        return [m.group(1)] if m else []
+    if mode == "flexible":
+        return [m.group(0) for m in reversed(list(FLEXIBLE_RE.finditer(text)))]
+    raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+
+
 def extract_answer(text: str, mode: str = "strict") -> str | None:
     """The model's final answer, normalised, or None.
 
     strict: the first '#### N' (the format GSM8K solutions end with);
     flexible: the last number anywhere, for models that don't follow the format.
     """
-    if mode == "strict":
-        m = STRICT_RE.search(text)
-        return normalize_number(m.group(1)) if m else None
-    if mode == "flexible":
-        for m in reversed(list(FLEXIBLE_RE.finditer(text))):
-            if (n := normalize_number(m.group(0))) is not None:  # skip '...', '1.2.3'
-                return n
-        return None
-    raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    for match in _matches(text, mode):
+        if (n := normalize_number(match)) is not None:  # flexible skips '...', '1.2.3'
+            return n
+    return None
 
 
 def is_correct(predicted: str | None, gold: str) -> bool:
@@ -66,6 +74,29 @@ def is_correct(predicted: str | None, gold: str) -> bool:
         return False
     p, g = normalize_number(predicted), normalize_number(gold)
     return p is not None and g is not None and Decimal(p) == Decimal(g)
+
+
+def harness_clean(text: str) -> str:
+    """Text as lm-evaluation-harness's gsm8k exact_match compares it: HARNESS_IGNORE deleted in turn
+    (',', '$', everything up to the last '#### ', one trailing '.'), then lower-cased.
+
+    Applied to a whole gold solution it gives the harness's reference ('... #### 1,500' -> '1500')."""
+    for pattern in HARNESS_IGNORE:
+        text = pattern.sub("", text)
+    return text.lower()
+
+
+def harness_answer(text: str, mode: str = "strict") -> str | None:
+    """The answer lm-evaluation-harness's gsm8k filter takes, cleaned by harness_clean; None where the
+    filter finds no match (its '[invalid]'). Flexible takes the last match even when it is no number."""
+    matches = _matches(text, mode)
+    return harness_clean(matches[0]) if matches else None
+
+
+def harness_correct(predicted: str | None, solution: str) -> bool:
+    """The harness's exact match: predicted (from harness_answer) equals the cleaned gold solution as a
+    string, so '72.0' against '#### 72' is wrong; no answer is never correct."""
+    return predicted is not None and predicted == harness_clean(solution)
 
 
 def gold_line(solution: str) -> tuple[list[str], str]:

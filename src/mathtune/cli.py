@@ -89,7 +89,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     if args.robustness is not None:
         config.eval.robustness_size = args.robustness or config.eval.robustness_size or 50
     config.eval.check()
-    shots = 0 if adapter else (config.eval.shots if args.shots is None else args.shots)
+    shots = 0 if adapter else (config.eval.base_shots if args.shots is None else args.shots)
     dataset = data_module.load_dataset(config.data)
     print(data_module.describe(dataset), flush=True)
     robustness = args.robustness is not None
@@ -143,7 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
                           help="a run directory, an adapter directory, a Hub id, a local path, or gemma-3-270m")
     evaluate.add_argument("--split", choices=["test", "validation"], help="default: test")
     evaluate.add_argument("--limit", type=int, help="a fixed, seeded subset of N problems (same for every model)")
-    evaluate.add_argument("--shots", type=int, help="worked examples for a base model (a tuned model gets none)")
+    evaluate.add_argument("--shots", type=int, help="worked examples for a base model (a tuned model gets none; "
+                          "default eval.shots, under --set eval.protocol=lm-eval 5)")
     evaluate.add_argument("--max-new-tokens", type=int)
     evaluate.add_argument("--robustness", type=int, nargs="?", const=0, metavar="N",
                           help="evaluate on N fresh generated problems (seeds never trained on) instead; "

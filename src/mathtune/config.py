@@ -17,9 +17,11 @@ from pathlib import Path
 import yaml
 
 from mathtune.speedups import Flags as SpeedupsConfig
+from mathtune.stopping import STOP_RULES
 
 PRESET_DIR = Path(__file__).resolve().parent / "presets"  # package data: installed with mathtune
 DEFAULT_PRESET = "cpu-demo"
+LM_EVAL_SHOTS = 5  # lm-evaluation-harness gsm8k.yaml, num_fewshot
 
 
 class ConfigError(ValueError):
@@ -137,7 +139,10 @@ class TrainConfig:
 class EvalConfig:
     split: str = "test"
     limit: int | None = 50  # a fixed, seeded subset, the same for every model
-    shots: int = 8  # worked examples for the base model; a tuned model is asked zero-shot
+    shots: int = 8  # worked examples for the base model (protocol mathtune); a tuned model is asked zero-shot
+    # mathtune: mathtune's own stop rule and numeric comparison; lm-eval: lm-evaluation-harness's gsm8k
+    # task (its stop strings, its 5 worked examples per problem, its string comparison). docs/answers.md
+    protocol: str = "mathtune"
     max_new_tokens: int = 256
     batch_size: int | None = None  # rows decoded at once; null: chosen from the device and free memory
     seed: int = 1234
@@ -145,8 +150,14 @@ class EvalConfig:
     generate_subset: int = 20  # on a fixed, seeded subset of this many validation problems
     robustness_size: int = 0  # N > 0: also evaluate on N fresh generated problems (seed data.synthetic_seed + 1000)
 
+    @property
+    def base_shots(self) -> int:
+        """Worked examples for a base model: eval.shots, or the harness's 5 under protocol lm-eval."""
+        return LM_EVAL_SHOTS if self.protocol == "lm-eval" else self.shots
+
     def check(self) -> None:
         _one_of("eval.split", self.split, ["test", "validation"])
+        _one_of("eval.protocol", self.protocol, list(STOP_RULES))
         if self.limit is not None:
             _positive("eval.limit", self.limit)
         if self.shots < 0:

@@ -13,7 +13,7 @@ from pathlib import Path
 from mathtune import data as data_module
 from mathtune import synthetic
 from mathtune.config import Config, load_config
-from mathtune.evaluate import EvalError, choose_fewshot_examples, evaluate_problems
+from mathtune.evaluate import EvalError, choose_fewshot_examples, evaluate_problems, harness_fewshot_examples
 from mathtune.models import (
     ModelError, adapter_base_model, check_model, load_model, load_tokenizer,
 )
@@ -51,10 +51,10 @@ def run_evaluation(
         problems = synthetic.generate(robustness, robustness_seed(config))
     if training_ids:
         refuse_training_problems(problems, split, *training_ids)
-    examples = choose_fewshot_examples(train, shots, config.eval.seed) if shots else None
+    examples = fewshot_examples(config, dataset, problems, train, shots)
     kind = f"{model_name} + adapter {adapter}" if adapter else model_name
-    print(f"Evaluating {kind} on {len(problems)} {split} problems "
-          f"({shots}-shot, greedy, up to {config.eval.max_new_tokens} new tokens)...", flush=True)
+    print(f"Evaluating {kind} on {len(problems)} {split} problems ({shots}-shot, greedy, up to "
+          f"{config.eval.max_new_tokens} new tokens, protocol {config.eval.protocol})...", flush=True)
 
     def load() -> tuple:
         return (load_model(model_name, config.model.dtype, config.model.revision, adapter=adapter, merge_adapter=True),
@@ -64,11 +64,29 @@ def run_evaluation(
         None, None, problems, out_dir, fewshot_examples=examples, model_label=model_name,
         adapter=str(adapter) if adapter else None, split=split,
         max_new_tokens=config.eval.max_new_tokens, batch_size=config.eval.batch_size, load=load,
+        protocol=config.eval.protocol,
     )
     strict = scores["strict"]
     print(f"  exact match (strict): {strict['correct']}/{strict['total']} = {strict['value']:.1%} "
           f"(95% CI {strict['ci95'][0]:.1%}-{strict['ci95'][1]:.1%})", flush=True)
     return scores
+
+
+def fewshot_examples(
+    config: Config, dataset: data_module.Dataset, problems: list[dict], train: list[dict], shots: int,
+) -> list[dict] | dict[str, list[dict]] | None:
+    """The base model's worked examples: a seeded sample of the run's training problems, shared by every
+    problem; under protocol lm-eval each GSM8K test problem's own, as the harness chooses them, where the
+    whole GSM8K training file is there (else the seeded sample, with a note)."""
+    if not shots:
+        return None
+    if config.eval.protocol == "lm-eval":
+        chosen = harness_fewshot_examples(dataset.train, problems, shots) if dataset.is_gsm8k else None
+        if chosen is not None:
+            return chosen
+        print("note: lm-evaluation-harness's worked examples need the whole GSM8K training file and test "
+              f"problems; these get {shots} seeded ones from the run's training problems instead", flush=True)
+    return choose_fewshot_examples(train, shots, config.eval.seed)
 
 
 def trained_on(problem_ids: list[str], train_ids: list[str]) -> list[str]:
@@ -158,14 +176,14 @@ def run(config: Config, overwrite: bool = False) -> dict:
         write_run_record(run_dir, config, dataset, train_problems, validation_problems)
     started = time.time()
 
-    base = run_evaluation(config, dataset, run_dir / "eval" / "base", config.model.name, None, config.eval.shots)
+    base = run_evaluation(config, dataset, run_dir / "eval" / "base", config.model.name, None, config.eval.base_shots)
     if read_json(run_dir / "train_result.json") is None:
         train(config, resume=True)
     tuned = run_evaluation(config, dataset, run_dir / "eval" / "tuned", config.model.name, run_dir / "adapter", 0)
     log_final_accuracy(config, run_dir, {"base": base, "tuned": tuned},
                        (read_json(run_dir / "train_result.json") or {}).get("steps_done", 0))
     if config.eval.robustness_size:
-        for name, adapter, shots in (("base", None, config.eval.shots), ("tuned", run_dir / "adapter", 0)):
+        for name, adapter, shots in (("base", None, config.eval.base_shots), ("tuned", run_dir / "adapter", 0)):
             run_evaluation(config, dataset, run_dir / "eval" / f"robustness-{name}", config.model.name, adapter,
                            shots, robustness=config.eval.robustness_size)
     summary = write_report(run_dir)

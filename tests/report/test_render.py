@@ -170,3 +170,16 @@ def test_the_headline_says_what_the_evaluation_could_detect(tmp_path):
     for top in (html_top, markdown_top):
         assert "Could this evaluation see a gain? On 20 paired problems" in top
         assert points in top and needed in top
+
+
+def test_the_evaluation_protocol_is_named_where_the_scores_give_it(tmp_path):
+    run = make_run(tmp_path)
+    write_report(run)
+    assert "protocol" not in (run / "report.md").read_text().split("\n## ", 1)[0]  # scores.json without one
+    for name in ("base", "tuned"):
+        path = run / "eval" / name / "scores.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), "protocol": "lm-eval"}))
+    summary = write_report(run)
+    assert summary["evaluation"]["tuned"]["protocol"] == "lm-eval"
+    assert "tuned 0-shot, protocol lm-eval" in (run / "report.md").read_text().split("\n## ", 1)[0]
+    assert "tuned 0-shot, protocol lm-eval" in (run / "report.html").read_text().split("<h2", 1)[0]

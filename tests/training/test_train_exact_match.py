@@ -58,7 +58,7 @@ def test_exact_match_is_logged_at_every_nth_evaluation_with_the_kv_cache(tmp_pat
 def test_early_stopping_on_exact_match_keeps_the_best_checkpoint(tmp_path, gsm8k_dir, monkeypatch):
     """Planted strict exact match 0.2, 0.6, 0.4, 0.4 on 5 problems: patience 2 stops at step 8, keeps step 4."""
     planted = iter([right for k in (1, 3, 2, 2) for right in [True] * k + [False] * (5 - k)])
-    monkeypatch.setattr(evaluate, "score_record", lambda problem, generation, n_tokens: dict.fromkeys(
+    monkeypatch.setattr(evaluate, "score_record", lambda problem, generation, n_tokens, protocol: dict.fromkeys(
         ["correct_strict", "correct_flexible"], next(planted)))
     config = tiny_config(tmp_path, gsm8k_dir, "eval.generate_subset=5", "train.epochs=3",
                          "train.early_stopping_metric=eval_exact_match", "train.early_stopping_patience=2")

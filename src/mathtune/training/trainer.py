@@ -22,6 +22,7 @@ from mathtune import speedups
 from mathtune.data import format_prompt
 from mathtune.model_cache import float32_original
 from mathtune.speedups.memory import release_free_heap
+from mathtune.stopping import STOP_RULES
 from mathtune.training.batches import split_packed_row
 from mathtune.training.rundir import append_example_losses, read_counters, write_counters
 
@@ -187,19 +188,22 @@ class MathTuneTrainer(SFTTrainer):
         } for r in sorted(rows, key=lambda r: order[r["id"]])])
 
     def _exact_match(self, prefix: str) -> dict:
-        """Greedy zero-shot answers to the generation subset, scored as `mathtune eval` scores them.
+        """Greedy zero-shot answers to the generation subset, stopped and scored as `mathtune eval` does
+        under eval.protocol.
 
         Called in eval mode, where the decoding loop's use_cache=True holds although the Trainer
         turns the model's cache off for training. Each process answers its share of the problems.
         """
         rank, world = self.accelerator.process_index, self.accelerator.num_processes
         mine = self.generation_problems[rank::world]
+        protocol = self.eval_config.protocol
         start = time.perf_counter()
         answers = evaluation.generate_answers(
             self.model, self.processing_class, [format_prompt(p["question"]) for p in mine],
             self.eval_config.max_new_tokens, self.eval_config.batch_size, progress=False,
+            stop_rule=STOP_RULES[protocol],
         )
-        scored = [evaluation.score_record(mine[i], text, n_tokens) for i, text, n_tokens in answers]
+        scored = [evaluation.score_record(mine[i], text, n_tokens, protocol) for i, text, n_tokens in answers]
         rows = [(r["correct_strict"], r["correct_flexible"]) for r in scored]
         seconds = time.perf_counter() - start
         if world > 1:
