@@ -1,4 +1,4 @@
-"""Statistics of answers: accuracy with its Wilson interval, paired comparison, exact McNemar.
+"""Statistics of answers: accuracy with its Wilson interval, paired comparison, exact McNemar and its power.
 
 A leaf module (nothing from mathtune), shared by evaluation (scores.json) and the report
 (summary.json), so that both compute every accuracy the same way. A figure the inputs do not
