@@ -22,6 +22,7 @@ from mathtune.config import load_config
 from mathtune.data import fewshot_prompt
 from mathtune.evaluate import choose_fewshot_examples, generate_answers
 from mathtune.generation import decode
+from mathtune.generation.head import CHUNK_ROWS, GreedyHead
 from mathtune.models import PACKAGED_GEMMA, load_model, load_tokenizer
 from mathtune.pipeline import evaluation_problems
 
@@ -54,13 +55,13 @@ def main() -> None:
 
     forward = decode._forward
 
-    def stage(model, kv, first, start, inputs):
+    def stage(model, kv, first, start, inputs, head=None):
         name = ("shared prefix" if kv.prefix_len == 0 and len(kv.layers[0].k) == 1
                 else "prefill of joining problems" if max(map(len, inputs)) > 1 else "decoding steps")
-        return timed(name, forward)(model, kv, first, start, inputs)
+        return timed(name, forward)(model, kv, first, start, inputs, head)
 
     decode._forward = stage
-    decode.greedy_tokens = timed("  of which the LM head's argmax", decode.greedy_tokens)
+    decode.GreedyHead.__call__ = timed("  of which the LM head's argmax", decode.GreedyHead.__call__)
     decode._close_holes = timed("moving rows into freed slots", decode._close_holes)
     tokenizer.decode = timed("stop checks and final texts (text decoding)", tokenizer.decode)
     start, generated = time.perf_counter(), 0
@@ -77,7 +78,29 @@ def main() -> None:
     print(f"| the rest (tokenizing, scheduling, Python) | "
           f"{elapsed - sum(v for k, v in SECONDS.items() if not k.startswith(' ')):.1f} | | | |")
     decode._forward = forward
+    head_side_by_side(model, args.batch_size or decode.SLOTS_CAP[model.device.type])
     step_profile(model, tokenizer, prompts, args.batch_size or decode.SLOTS_CAP[model.device.type])
+
+
+def head_side_by_side(model, rows: int, repeats: int = 5) -> None:
+    """The head's argmax over `rows` hidden states with the weight reordered once and with plain
+    products, alternating, on the same inputs."""
+    weight = model.get_output_embeddings().weight
+    hidden = torch.randn(rows, weight.shape[1], dtype=weight.dtype, device=weight.device)
+    reordered, plain = GreedyHead(weight, rows), GreedyHead(weight, rows)
+    plain.packed = False
+    plain.slices = [(first, weight[first : first + CHUNK_ROWS]) for first in range(0, weight.shape[0], CHUNK_ROWS)]
+    heads = {"reordered once": reordered, "plain products": plain}
+    seconds, ids = collections.Counter(), {}
+    for _ in range(repeats):
+        for name, head in heads.items():
+            start = time.perf_counter()
+            ids[name] = head(hidden).tolist()
+            seconds[name] += time.perf_counter() - start
+    print(f"the LM head's argmax, {rows} rows (weight reordered: {reordered.packed}): "
+          + ", ".join(f"{name} {seconds[name] / repeats * 1000:.1f} ms" for name in heads)
+          + f"; ratio {seconds['plain products'] / seconds['reordered once']:.2f}; "
+          f"same ids: {ids['plain products'] == ids['reordered once']}")
 
 
 def step_profile(model, tokenizer, prompts: list[str], rows: int) -> None:
@@ -92,14 +115,15 @@ def step_profile(model, tokenizer, prompts: list[str], rows: int) -> None:
         forward(model, prefix, 0, [0], [ids[0][:prefix_len]])
         kv = SlotKV.empty(model.config, rows, 400, model.dtype, model.device, prefix=prefix, prefix_len=prefix_len)
         inputs = [[100]] * rows
-        forward(model, kv, 0, [150] * rows, inputs)
+        head = decode.GreedyHead(model.get_output_embeddings().weight, rows)
+        forward(model, kv, 0, [150] * rows, inputs, head)
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             for _ in range(3):
-                forward(model, kv, 0, [150] * rows, inputs)
+                forward(model, kv, 0, [150] * rows, inputs, head)
     kinds = collections.Counter()
     for event in prof.key_averages():
         name = event.key
-        kind = ("matrix products" if name in ("aten::mm", "aten::addmm", "aten::bmm")
+        kind = ("matrix products" if name in ("aten::mm", "aten::addmm", "aten::bmm", "mkldnn::_linear_pointwise")
                 else "attention kernels" if "scaled_dot_product" in name else "elementwise, copies and the rest")
         kinds[kind] += event.self_cpu_time_total
     total = sum(kinds.values())

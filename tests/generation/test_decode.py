@@ -80,11 +80,11 @@ def test_a_finished_row_hands_its_slot_to_a_waiting_prompt(monkeypatch):
     widths, joined = [], []
     forward = decode._forward
 
-    def spy(model, kv, first, start, inputs):
+    def spy(model, kv, first, start, inputs, head=None):
         widths.append(first + len(inputs))
         if len(kv.layers[0].k) == 3 and not any(start):
             joined.append(first)  # a prefill into slots after `first` live rows
-        return forward(model, kv, first, start, inputs)
+        return forward(model, kv, first, start, inputs, head)
 
     monkeypatch.setattr(decode, "_forward", spy)
     list(greedy_decode(model, prompts(9, 30), max_new_tokens=20, stop_ids={EOS}, finished=stops_at_multiple_of_7,

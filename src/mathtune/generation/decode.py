@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from mathtune.generation.head import greedy_tokens, plain_head
+from mathtune.generation.head import GreedyHead, plain_head
 from mathtune.generation.shared_prefix import NAME, SlotKV, Step, UnsupportedModel
 
 PREFILL_TOKENS = 4096  # padded prompt tokens per prefill call: bounds its attention scores' memory
@@ -88,9 +88,10 @@ def shared_prefix_attention(model):
 
 
 @torch.inference_mode()
-def _forward(model, kv: SlotKV, first: int, start: list[int], inputs: list[list[int]]) -> list[int]:
+def _forward(model, kv: SlotKV, first: int, start: list[int], inputs: list[list[int]], head=None) -> list[int]:
     """Runs slots first..first+len(inputs)-1 on their new tokens, after the `start` tokens each already
-    holds; returns each row's next token."""
+    holds; returns each row's next token (head: a GreedyHead over the model's head weight, None to
+    call the model's own head)."""
     device = kv.layers[0].k.device
     length = max(len(ids) for ids in inputs)
     ids = torch.tensor([ids + [0] * (length - len(ids)) for ids in inputs], device=device)
@@ -105,9 +106,8 @@ def _forward(model, kv: SlotKV, first: int, start: list[int], inputs: list[list[
         )
     last = torch.tensor([len(x) - 1 for x in inputs], device=device)
     hidden = hidden[torch.arange(len(inputs), device=device), last]
-    weight = plain_head(model)
-    if weight is not None:
-        return greedy_tokens(weight, hidden).tolist()
+    if head is not None:
+        return head(hidden).tolist()
     return model.get_output_embeddings()(hidden).argmax(-1).tolist()
 
 
@@ -133,6 +133,8 @@ def greedy_decode(
         slots = choose_slots(len(token_lists), capacity * kv_bytes_per_token(config, dtype), device)
     slots = min(slots, len(token_lists))
     refill_at = max(1, slots // 8)  # free slots that make a prefill call worth its overhead
+    weight = plain_head(model)
+    head = GreedyHead(weight, slots) if weight is not None else None
 
     with shared_prefix_attention(model):
         prefix = None
@@ -147,12 +149,14 @@ def greedy_decode(
                 joining = [pending.popleft() for _ in range(min(slots - len(live), len(pending)))]
                 tokens = []
                 for group in _prefill_groups(joining):
-                    tokens += _forward(model, kv, len(live) + len(tokens), [0] * len(group), [row.own for row in group])
+                    first = len(live) + len(tokens)
+                    tokens += _forward(model, kv, first, [0] * len(group), [row.own for row in group], head)
                 rows, first = joining, len(live)
                 live += joining
             else:
                 rows, first = live, 0
-                tokens = _forward(model, kv, 0, [row.cached for row in live], [row.generated[-1:] for row in live])
+                inputs = [row.generated[-1:] for row in live]
+                tokens = _forward(model, kv, 0, [row.cached for row in live], inputs, head)
             done = []
             for position, (row, token) in enumerate(zip(rows, tokens), start=first):
                 row.generated.append(token)

@@ -6,6 +6,10 @@ cache and never holds more than one slice's logits. Each slice's logits are laid
 batch row ([b, slice]), so the maximum runs along contiguous memory: taken across rows instead
 ([slice, b]) it costs more than the product itself. What a model applies after its head
 (soft-capping, scaling) is monotone, so it leaves the argmax alone.
+
+On a CPU each slice of the weight is reordered once, per evaluation, into oneDNN's blocked layout
+(what torch.compile's freezing does for a Linear): a plain product reorders the weight again at
+every call. The products give the same values either way.
 """
 
 from __future__ import annotations
@@ -23,19 +27,36 @@ def plain_head(model) -> torch.Tensor | None:
     return None
 
 
-@torch.inference_mode()
-def greedy_tokens(weight: torch.Tensor, hidden: torch.Tensor, chunk_rows: int = CHUNK_ROWS) -> torch.Tensor:
+class GreedyHead:
     """argmax over the vocabulary of `hidden @ weight.T` for each row of hidden ([b, d] -> [b] ids).
 
-    Ties go to the lowest id, as torch.argmax does over the whole vector.
+    rows: the usual number of rows per call (a hint for the weight's layout). Ties go to the lowest
+    id, as torch.argmax does over the whole vector.
     """
-    best_value = best_index = None
-    for first in range(0, weight.shape[0], chunk_rows):
-        value, index = (hidden @ weight[first : first + chunk_rows].T).max(-1)
-        if best_value is None:
-            best_value, best_index = value, index
-            continue
-        better = value > best_value
-        best_value = torch.where(better, value, best_value)
-        best_index = torch.where(better, index + first, best_index)
-    return best_index
+
+    def __init__(self, weight: torch.Tensor, rows: int = 1, chunk_rows: int = CHUNK_ROWS):
+        self.slices = [(first, weight[first : first + chunk_rows]) for first in range(0, weight.shape[0], chunk_rows)]
+        self.packed = (weight.device.type == "cpu" and torch.backends.mkldnn.is_available()
+                       and weight.dtype in (torch.float32, torch.bfloat16))
+        if self.packed:
+            with torch.inference_mode():
+                self.slices = [(first, torch.ops.mkldnn._reorder_linear_weight(part, rows))
+                               for first, part in self.slices]
+
+    def _logits(self, hidden: torch.Tensor, part: torch.Tensor) -> torch.Tensor:
+        if self.packed:
+            return torch.ops.mkldnn._linear_pointwise(hidden, part, None, "none", [], "")
+        return hidden @ part.T
+
+    @torch.inference_mode()
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        best_value = best_index = None
+        for first, part in self.slices:
+            value, index = self._logits(hidden, part).max(-1)
+            if best_value is None:
+                best_value, best_index = value, index
+                continue
+            better = value > best_value
+            best_value = torch.where(better, value, best_value)
+            best_index = torch.where(better, index + first, best_index)
+        return best_index
