@@ -106,11 +106,11 @@ class Step:
     start: torch.Tensor  # [b] long: each row's own tokens already in the cache
     length: int  # L
     calls: int = 0  # layers that ran through this attention (a check that the model uses it)
+    width: int = field(init=False)  # the rows' own keys a query can see, at most: max(start) + L
     _masks: dict = field(default_factory=dict)
 
-    @property
-    def width(self) -> int:
-        return int(self.start.max()) + self.length
+    def __post_init__(self) -> None:
+        self.width = int(self.start.max()) + self.length
 
     def positions(self) -> torch.Tensor:
         """[b, L] absolute positions of the new tokens (their RoPE positions)."""
