@@ -17,7 +17,6 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import torch
 from tqdm.auto import tqdm
 
 from mathtune.report.stats import NotComputable, accuracy, accuracy_by_steps, arithmetic_slip_share

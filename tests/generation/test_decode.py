@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM
+from transformers import (
+    Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM,
+)
 
 from mathtune.generation import decode, greedy_decode
 from mathtune.generation.decode import choose_slots, common_prefix_length
@@ -120,6 +122,20 @@ def test_a_model_without_layer_types_equals_generate():
     got = dict(greedy_decode(model, batch, max_new_tokens=12, stop_ids={EOS}, finished=stops_at_multiple_of_7,
                              slots=2))
     assert got == {i: one_at_a_time(model, ids, 12, stops_at_multiple_of_7) for i, ids in enumerate(batch)}
+
+
+def test_soft_capped_attention_equals_generate():
+    """Gemma 2: attention scores soft-capped (tanh), sliding and full layers."""
+    torch.manual_seed(0)
+    config = Gemma2Config(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=WINDOW,
+                          attn_logit_softcapping=2.0, max_position_embeddings=256, attn_implementation="eager",
+                          eos_token_id=EOS, pad_token_id=0, bos_token_id=2)
+    model = Gemma2ForCausalLM(config).eval()
+    batch = prompts(5, 12)
+    got = dict(greedy_decode(model, batch, max_new_tokens=16, stop_ids={EOS}, finished=stops_at_multiple_of_7,
+                             slots=2))
+    assert got == {i: one_at_a_time(model, ids, 16, stops_at_multiple_of_7) for i, ids in enumerate(batch)}
 
 
 def test_the_attention_setting_is_restored():

@@ -144,16 +144,20 @@ def _additive(seen: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.zeros(seen.shape, dtype=dtype, device=seen.device).masked_fill_(~seen, float("-inf"))
 
 
-def _flash(query, key, value, mask, scale):
-    """torch's fused CPU attention, which also returns each query's log-sum-exp of scores (the softmax's
-    normaliser), so that two halves of one softmax can be joined; elsewhere the same from plain products."""
-    if query.device.type == "cpu":
+def _attend(query, key, value, mask, scale, softcap=None):
+    """Attention output and each query's log-sum-exp of scores (the softmax's normaliser), so that two
+    halves of one softmax can be joined. On a CPU, torch's fused flash kernel, which returns both;
+    elsewhere, or with soft-capped scores (Gemma 2), the same from plain products."""
+    if query.device.type == "cpu" and softcap is None:
         return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(query, key, value, attn_mask=mask, scale=scale)
     scores = (query @ key.transpose(-1, -2)).float() * scale
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
     if mask is not None:
         scores = scores + mask
     lse = scores.logsumexp(-1)
-    return ((scores - lse[..., None]).exp().to(value.dtype) @ value), lse
+    probs = (scores - lse[..., None]).exp().nan_to_num(0.0)  # a query that sees no key: -inf - -inf
+    return probs.to(value.dtype) @ value, lse
 
 
 def shared_prefix_attention(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0,
@@ -164,8 +168,6 @@ def shared_prefix_attention(module, query, key, value, attention_mask=None, scal
     step = mathtune_step
     if step is None:
         raise UnsupportedModel(f"attention {NAME!r} was called without a decoding step")
-    if softcap is not None:
-        raise UnsupportedModel("attention logit soft-capping is not supported by shared-prefix decoding")
     step.calls += 1
     layer = step.kv.layers[module.layer_idx]
     batch, heads, length, dim = query.shape
@@ -181,11 +183,11 @@ def shared_prefix_attention(module, query, key, value, attention_mask=None, scal
     scale = module.scaling if scaling is None else scaling
     prefix_mask, own_mask, blind = step.masks(layer, groups, query.dtype)
     q = query.reshape(batch, kv_heads, groups * length, dim)  # each kv head's query heads as more queries
-    out, lse = _flash(q, layer.k[rows, :, : step.width], layer.v[rows, :, : step.width], own_mask, scale)
+    out, lse = _attend(q, layer.k[rows, :, : step.width], layer.v[rows, :, : step.width], own_mask, scale, softcap)
     prefix_len = layer.prefix_k.shape[1]
     if prefix_len:
         q_all = q.transpose(0, 1).reshape(1, kv_heads, batch * groups * length, dim)  # all rows share these keys
-        out_p, lse_p = _flash(q_all, layer.prefix_k[None], layer.prefix_v[None], prefix_mask, scale)
+        out_p, lse_p = _attend(q_all, layer.prefix_k[None], layer.prefix_v[None], prefix_mask, scale, softcap)
         out_p = out_p.view(kv_heads, batch, groups * length, dim).transpose(0, 1)
         lse_p = lse_p.view(kv_heads, batch, groups * length).transpose(0, 1)
         if blind is not None:  # queries that see no prefix key: the kernel gives them 0, not -inf
