@@ -31,6 +31,7 @@ from mathtune.answers import extract_answer
 from mathtune.config import load_config
 from mathtune.data import fewshot_prompt
 from mathtune.evaluate import choose_fewshot_examples
+from mathtune.hardware import cpu_facts, cpu_kind
 from mathtune.models import PACKAGED_GEMMA, load_model, load_tokenizer
 from mathtune.pipeline import evaluation_problems, run_evaluation
 from mathtune.runfiles import read_jsonl
@@ -83,6 +84,8 @@ def main() -> None:
     examples = choose_fewshot_examples(train, args.shots, config.eval.seed)
     model, tokenizer = load_model(PACKAGED_GEMMA, args.dtype), load_tokenizer(PACKAGED_GEMMA)
     peak = matmul_peak_gflops(model.dtype, model.device.type)
+    print(f"machine: {torch.cuda.get_device_name() if model.device.type == 'cuda' else 'CPU ' + cpu_kind(*cpu_facts())}, "
+          f"{torch.get_num_threads()} threads", flush=True)
     decoder_flops, head_flops = flops_per_token(model)
     print(f"{len(problems)} GSM8K test problems (seed {config.eval.seed}), {args.shots}-shot, {model.dtype}, "
           f"{model.device}, max_new_tokens={args.max_new_tokens}, threads={torch.get_num_threads()}; "

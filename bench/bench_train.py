@@ -50,7 +50,7 @@ from pathlib import Path
 import torch
 
 from mathtune.data import format_completion, format_prompt, read_problems, seeded_subset, tokenize_example
-from mathtune.hardware import resolve_dtype
+from mathtune.hardware import cpu_facts, cpu_kind, resolve_dtype
 from mathtune.model_cache import save_model_dir
 from mathtune.models import PACKAGED_GEMMA, load_model, load_tokenizer, resolve_model_path
 
@@ -287,7 +287,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = resolve_dtype("auto")
-    print(f"machine: {torch.cuda.get_device_name() if device == 'cuda' else 'CPU'}, "
+    print(f"machine: {torch.cuda.get_device_name() if device == 'cuda' else 'CPU ' + cpu_kind(*cpu_facts())}, "
           f"{torch.get_num_threads()} threads, dtype {str(dtype).removeprefix('torch.')}", flush=True)
     peak = matmul_peak_gflops(dtype, device)
     print(f"measured matrix-multiply peak: {peak:.1f} GFLOP/s", flush=True)

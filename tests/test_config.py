@@ -16,8 +16,19 @@ def test_reference_preset_matches_the_reference_run():
 
 
 def test_every_preset_loads():
-    for name in ("cpu-demo", "gemma-2b-gsm8k", "tiny"):
+    for name in ("cpu-demo", "gemma-2b-gsm8k", "gemma-3-270m-gsm8k", "tiny"):
         assert load_config(name).name == name
+
+
+def test_the_full_gsm8k_preset_trains_on_the_whole_split_and_scores_the_whole_test_set():
+    config = load_config("gemma-3-270m-gsm8k")
+    assert config.model.name == "gemma-3-270m" and config.data.source == "gsm8k"
+    assert config.data.train_limit is None and config.data.validation_fraction == 0.1  # 6,725 / 748
+    assert config.train.epochs == 1 and config.train.max_steps == -1
+    assert config.train.early_stopping_patience and config.train.early_stopping_metric == "eval_loss"
+    assert config.eval.split == "test" and config.eval.limit is None
+    assert (config.eval.shots, config.eval.robustness_size) == (8, 200)
+    assert config.eval.generate_every >= 1 and config.eval.generate_subset > 0
 
 
 def test_overrides_are_typed_and_applied():

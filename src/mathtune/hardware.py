@@ -9,12 +9,50 @@ from pathlib import Path
 import torch
 
 
+# The CPU flags that decide how fast a matrix product runs, and in which dtype (resolve_dtype).
+SPEED_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+
+
+def cpu_facts(cpuinfo: str | None = None) -> tuple[str, set[str]]:
+    """(the CPU's model name, its flags) from /proc/cpuinfo's text (read when not given); ("", set()) elsewhere."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return "", set()
+    model, flags = "", set()
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "model name" and not model:
+            model = " ".join(value.split())
+        elif key.strip() == "flags" and not flags:
+            flags = set(value.split())
+    return model, flags
+
+
+def cpu_kind(model: str, flags: set[str]) -> str:
+    """The kind of CPU a speed figure holds for: its model name and what its matrix products run on.
+
+    Speed differs by an order of magnitude between these kinds (bfloat16 on AMX tiles, bfloat16 on
+    AVX-512 BF16 instructions, float32 only), so every benchmark prints this beside its figures.
+    """
+    if "amx_bf16" in flags:
+        unit = "AMX (bfloat16)"
+    elif "avx512_bf16" in flags:
+        unit = "AVX-512 BF16, no AMX (bfloat16)"
+    elif "avx512f" in flags:
+        unit = "AVX-512 without BF16 (float32)"
+    elif "avx2" in flags:
+        unit = "AVX2, no AVX-512 (float32)"
+    else:
+        unit = "no AVX2 (float32)"
+    shown = [f for f in SPEED_FLAGS if f in flags]
+    return f"{model or platform.machine()}, {unit}; flags: {' '.join(shown) or 'none of ' + ' '.join(SPEED_FLAGS)}"
+
+
 def cpu_supports_bf16() -> bool:
     """AVX-512 BF16 or AMX makes bf16 matrix products fast on x86 CPUs; elsewhere bf16 is emulated and slow."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
+    flags = cpu_facts()[1]
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 

@@ -20,7 +20,7 @@ import torch
 from mathtune import __version__
 from mathtune.config import Config
 from mathtune.data import Dataset
-from mathtune.hardware import hardware_name
+from mathtune.hardware import cpu_facts, cpu_kind, hardware_name
 from mathtune.runfiles import append_jsonl, read_json, read_jsonl, write_dir, write_json, write_text
 from mathtune.speedups.memory import release_free_heap
 
@@ -104,6 +104,7 @@ def environment_info(config: Config) -> dict:
             "trl": trl.__version__, "accelerate": accelerate.__version__,
         },
         "hardware": hardware_name(),
+        "cpu_kind": cpu_kind(*cpu_facts()),
         "cpu_count": os.cpu_count(),
         "platform": platform.platform(),
         "seed": config.train.seed,
