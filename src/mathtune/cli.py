@@ -107,11 +107,16 @@ def cmd_run(args: argparse.Namespace) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> None:
-    from mathtune.report.render import write_report
+    from mathtune.report.render import publish_report, write_report
 
     run_dir = Path(args.run_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"{run_dir} is not a run directory")
+    if args.publish:
+        _, copied = publish_report(run_dir, Path(args.publish))
+        print(f"Published copy: {Path(args.publish) / 'report.html'} (also report.md, summary.json, plots/, "
+              f"{', '.join(copied) or 'no run records'}); data-set text and generations left out")
+        return
     write_report(run_dir)
     print(f"Report: {run_dir / 'report.html'} (also report.md, summary.json)")
 
@@ -159,6 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     report = commands.add_parser("report", help="(re)write the report of a run directory")
     report.add_argument("run_dir")
+    report.add_argument("--publish", metavar="DEST", help="write a copy to share into DEST instead: the report "
+                        "without data-set text or generations, and the run's small records (no weights, no predictions)")
     report.set_defaults(func=cmd_report)
 
     compare = commands.add_parser("compare", help="several runs side by side: a table, and an HTML page")
