@@ -19,6 +19,7 @@ projected minutes for all 1,319 test problems, and last
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -84,7 +85,7 @@ def main() -> None:
     examples = choose_fewshot_examples(train, args.shots, config.eval.seed)
     model, tokenizer = load_model(PACKAGED_GEMMA, args.dtype), load_tokenizer(PACKAGED_GEMMA)
     peak = matmul_peak_gflops(model.dtype, model.device.type)
-    print(f"machine: {torch.cuda.get_device_name() if model.device.type == 'cuda' else 'CPU ' + cpu_kind(*cpu_facts())}, "
+    print(f"machine: {torch.cuda.get_device_name() if model.device.type == 'cuda' else 'CPU ' + cpu_kind(*cpu_facts(), os.environ.get('ONEDNN_MAX_CPU_ISA'))}, "
           f"{torch.get_num_threads()} threads", flush=True)
     decoder_flops, head_flops = flops_per_token(model)
     print(f"{len(problems)} GSM8K test problems (seed {config.eval.seed}), {args.shots}-shot, {model.dtype}, "

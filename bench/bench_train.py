@@ -287,7 +287,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = resolve_dtype("auto")
-    print(f"machine: {torch.cuda.get_device_name() if device == 'cuda' else 'CPU ' + cpu_kind(*cpu_facts())}, "
+    print(f"machine: {torch.cuda.get_device_name() if device == 'cuda' else 'CPU ' + cpu_kind(*cpu_facts(), os.environ.get('ONEDNN_MAX_CPU_ISA'))}, "
           f"{torch.get_num_threads()} threads, dtype {str(dtype).removeprefix('torch.')}", flush=True)
     peak = matmul_peak_gflops(dtype, device)
     print(f"measured matrix-multiply peak: {peak:.1f} GFLOP/s", flush=True)
@@ -349,7 +349,9 @@ def print_comparison(args, peak: float, kept: list[dict], sizes: dict, slow: dic
     print(f"cost growth, mathtune train: {sizes['half']} problems {per_epoch['half']:.1f} s/epoch, peak RSS "
           f"{half['peak_rss_gb']:.2f} GB; {sizes['full']} problems {per_epoch['full']:.1f} s/epoch, peak RSS "
           f"{fast['peak_rss_gb']:.2f} GB: time x{per_epoch['full'] / per_epoch['half']:.2f} for x"
-          f"{sizes['full'] / sizes['half']:.2f} the problems, memory x{fast['peak_rss_gb'] / half['peak_rss_gb']:.2f}")
+          f"{sizes['full'] / sizes['half']:.2f} the problems (x{fast['counted_tokens'] / half['counted_tokens']:.2f} "
+          f"the tokens: {half['counted_tokens']} and {fast['counted_tokens']}), "
+          f"memory x{fast['peak_rss_gb'] / half['peak_rss_gb']:.2f}")
     print(f"speedup={speedup:.2f} memory_ratio={memory_ratio:.2f} loss_delta={loss_delta:+.4f}")
 
 

@@ -30,3 +30,13 @@ def test_each_kind_of_cpu_is_named_by_what_its_products_run_on():
     assert cpu_kind("EPYC", {"avx2", "fma"}) == "EPYC, AVX2, no AVX-512 (float32); flags: avx2"
     assert cpu_kind("Old", {"avx512f", "avx2"}) == "Old, AVX-512 without BF16 (float32); flags: avx2 avx512f"
     assert cpu_kind("Arm", set()).startswith("Arm, no AVX2 (float32); flags: none of avx2")
+
+
+def test_a_limit_on_onednn_names_the_code_path_it_leaves():
+    amx = {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}
+    assert cpu_kind("Xeon", amx, "avx512_core_bf16") == (
+        "Xeon, AVX-512 BF16, no AMX (bfloat16); flags: avx2 avx512f avx512_bf16; "
+        "oneDNN limited to AVX512_CORE_BF16 (ONEDNN_MAX_CPU_ISA)")
+    assert cpu_kind("Xeon", amx, "AVX2").startswith("Xeon, AVX2, no AVX-512 (float32); flags: avx2;")
+    assert cpu_kind("Xeon", amx, "AVX512_CORE_AMX") == cpu_kind("Xeon", amx) + (
+        "; oneDNN limited to AVX512_CORE_AMX (ONEDNN_MAX_CPU_ISA)")

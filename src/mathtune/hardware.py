@@ -30,12 +30,24 @@ def cpu_facts(cpuinfo: str | None = None) -> tuple[str, set[str]]:
     return model, flags
 
 
-def cpu_kind(model: str, flags: set[str]) -> str:
+def cpu_kind(model: str, flags: set[str], max_isa: str | None = None) -> str:
     """The kind of CPU a speed figure holds for: its model name and what its matrix products run on.
 
     Speed differs by an order of magnitude between these kinds (bfloat16 on AMX tiles, bfloat16 on
     AVX-512 BF16 instructions, float32 only), so every benchmark prints this beside its figures.
+    `max_isa`: oneDNN's ONEDNN_MAX_CPU_ISA where set, which keeps oneDNN's kernels (products,
+    convolutions, the brgemm micro-kernels of PyTorch's CPU attention) off the newer units: on a CPU
+    with AMX, AVX512_CORE_BF16 runs the code path of a CPU without AMX.
     """
+    if max_isa:
+        limited = max_isa.upper()
+        if "AMX" not in limited:
+            flags = flags - {"amx_bf16", "amx_tile", "amx_int8"}
+        if limited in ("AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX", "SSE41"):
+            flags = flags - {"avx512f", "avx512_bf16"}
+        elif limited in ("AVX512_CORE", "AVX512_CORE_VNNI"):
+            flags = flags - {"avx512_bf16"}
+        return f"{cpu_kind(model, flags)}; oneDNN limited to {limited} (ONEDNN_MAX_CPU_ISA)"
     if "amx_bf16" in flags:
         unit = "AMX (bfloat16)"
     elif "avx512_bf16" in flags:

@@ -104,7 +104,7 @@ def environment_info(config: Config) -> dict:
             "trl": trl.__version__, "accelerate": accelerate.__version__,
         },
         "hardware": hardware_name(),
-        "cpu_kind": cpu_kind(*cpu_facts()),
+        "cpu_kind": cpu_kind(*cpu_facts(), os.environ.get("ONEDNN_MAX_CPU_ISA")),
         "cpu_count": os.cpu_count(),
         "platform": platform.platform(),
         "seed": config.train.seed,
