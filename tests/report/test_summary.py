@@ -231,3 +231,16 @@ def test_examples_follow_the_report_settings_of_config_yaml():
     assert bad["examples"]["per_group"] == 3
     assert any("report.examples_per_group is -2" in note for note in bad["notes"])
     assert _summary(predictions={"base": base})["examples"] is None
+
+
+def test_cost_counts_every_evaluation_robustness_included():
+    scores = {"base": {"elapsed_s": 720.0, "hardware": "cpu"}, "tuned": {"elapsed_s": 360.0, "hardware": "cpu"},
+              "robustness-base": {"elapsed_s": 180.0, "hardware": "cpu"},
+              "robustness-tuned": {"elapsed_s": 36.0, "hardware": "cpu"}}
+    summary = _summary(scores=scores, train_result={"wall_clock_s": 3600.0, "hardware": "cpu"})
+    phases = {p["phase"]: p["hours"] for p in summary["cost"]["phases"]}
+    assert phases == pytest.approx({"training": 1.0, "base evaluation": 0.2, "tuned evaluation": 0.1,
+                                    "robustness evaluation, base model": 0.05,
+                                    "robustness evaluation, tuned model": 0.01})
+    assert summary["cost"]["hours"] == pytest.approx(1.36)
+    assert summary["cost"]["usd"] == pytest.approx(1.36 * PRICES_USD_PER_HOUR["CPU"])

@@ -93,7 +93,8 @@ def definitions() -> dict[str, str]:
         "generated problems, in percentage points; positive means the evaluation set flatters the model.",
         "robustness.seed": "The seed of the fresh generated problems (their ids are synthetic-<seed>-<index>).",
         "cost.hours": "Wall-clock hours of training (train_result.json's wall_clock_s, else elapsed_s at the last log) "
-        "plus base and tuned evaluation (scores.json's elapsed_s).",
+        "plus every evaluation of the run: base, tuned and, where run, robustness (each scores.json's elapsed_s). "
+        "Model loading and the report are not counted.",
         "cost.usd": "Sum over training and evaluations of hours x price per hour; the price is cost.price_per_hour "
         "or a rough 2025 on-demand default for the hardware.",
         "cost.usd_per_point": "Training cost in USD divided by the accuracy gain in percentage points; none without a gain.",

@@ -42,7 +42,8 @@ def build_summary(records: RunRecords) -> dict:
     outliers, outlier_stats = _outliers(records.example_losses or [], records.questions or {},
                                         records.gold_steps or {}, missing)
     acc = _answers(preds, scores, missing, notes)
-    cost_summary = _cost(metrics, config, records.train_result, scores, acc["gain_points"], missing)
+    cost_summary = _cost(metrics, config, records.train_result, {**records.scores, **scores}, acc["gain_points"],
+                         missing)
     data = _data(records.data_info, missing)
     robustness = _robustness({name: records.predictions.get(f"robustness-{name}") for name in ("base", "tuned")},
                              {name: records.scores.get(f"robustness-{name}") for name in ("base", "tuned")},
@@ -382,6 +383,12 @@ def _robustness(preds: dict, scores: dict, tuned: dict, missing: list[str]) -> d
     return rob
 
 
+# Each evaluation a run directory can hold (eval/<name>/scores.json), as its cost phase is called.
+EVALUATION_PHASES = {"base": "base evaluation", "tuned": "tuned evaluation",
+                     "robustness-base": "robustness evaluation, base model",
+                     "robustness-tuned": "robustness evaluation, tuned model"}
+
+
 def _cost(metrics: list[dict], config: dict, train_result: dict | None, scores: dict, gain: float | None,
           missing: list[str]) -> dict:
     """Hours and USD of training and of each evaluation, cost per point gained, tokens and throughput."""
@@ -393,10 +400,9 @@ def _cost(metrics: list[dict], config: dict, train_result: dict | None, scores: 
     if train_seconds:
         hardware = cost_config.get("hardware") or (train_result or {}).get("hardware")
         phases.append({"phase": "training", **cost(train_seconds / 3600, hardware, price)})
-    for name in ("base", "tuned"):
-        if scores[name] and isinstance(scores[name].get("elapsed_s"), (int, float)):
-            phases.append({"phase": f"{name} evaluation",
-                           **cost(scores[name]["elapsed_s"] / 3600, scores[name].get("hardware"), price)})
+    for name, phase in EVALUATION_PHASES.items():
+        if scores.get(name) and isinstance(scores[name].get("elapsed_s"), (int, float)):
+            phases.append({"phase": phase, **cost(scores[name]["elapsed_s"] / 3600, scores[name].get("hardware"), price)})
     unpriced = [p["phase"] for p in phases if p["usd"] is None]
     if not phases:
         missing.append("No wall-clock time was logged, so cost cannot be computed.")
