@@ -7,6 +7,7 @@ checkpoint, the adapter and the merged model.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
@@ -84,18 +85,31 @@ def write_run_record(run_dir: Path, config: Config, dataset: Dataset, train: lis
     write_data_json(run_dir, dataset, train, validation)
 
 
+@functools.cache
+def source_commit() -> tuple[str | None, bool | None]:
+    """(the git commit of mathtune's source, whether its tracked files differ from it), or (None, None) outside a
+    checkout. Read once per process, at the run record's first writing: a long run keeps running the code it
+    imported even when the checkout moves on before training rewrites the record."""
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(["git", *args], capture_output=True, text=True, cwd=Path(__file__).parent,
+                                  timeout=5)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return done.stdout if done.returncode == 0 else None
+
+    commit = (git("rev-parse", "HEAD") or "").strip() or None
+    status = git("status", "--porcelain", "--untracked-files=no") if commit else None
+    return commit, (bool(status.strip()) if status is not None else None)
+
+
 def environment_info(config: Config) -> dict:
     import accelerate
     import peft
     import transformers
     import trl
 
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent, timeout=5
-        ).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        commit = None
+    commit, changed = source_commit()
     return {
         MARKER: __version__,
         "python": sys.version.split()[0],
@@ -109,6 +123,7 @@ def environment_info(config: Config) -> dict:
         "platform": platform.platform(),
         "seed": config.train.seed,
         "git_commit": commit,
+        "git_uncommitted_changes": changed,
         "command": sys.argv,
     }
 
