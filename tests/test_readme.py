@@ -14,3 +14,29 @@ def test_the_readme_states_the_demo_presets_number_of_test_problems():
     stated = re.search(r"evaluated on (\d+) test problems", " ".join(entry.group(1).split()))
     assert stated, "README's cpu-demo entry does not say how many test problems it evaluates"
     assert int(stated.group(1)) == load_config("cpu-demo").eval.limit
+
+
+RESULT = README.parent / "bench" / "results" / "gemma-3-270m-gsm8k"
+
+
+def _interval(block: dict) -> str:
+    low, high = block["ci95"]
+    return f"{block['value']:.1%} ({block['correct']}/{block['total']}; 95% CI {low:.1%}-{high:.1%})"
+
+
+def test_the_readmes_result_is_the_committed_full_runs_summary():
+    import json
+
+    summary = json.loads((RESULT / "summary.json").read_text(encoding="utf-8"))
+    section = re.search(r"^## Result:(.*?)(?=^## )", README.read_text(encoding="utf-8"), re.S | re.M)
+    assert section, "README has no '## Result:' section"
+    text = " ".join(section.group(1).split())
+    acc = summary["accuracy"]
+    assert acc["paired"]["n"] == 1319 and acc["base"]["total"] == acc["tuned"]["total"] == 1319
+    for side in ("base", "tuned"):
+        assert _interval(acc[side]) in text, f"README does not state the {side} model's {_interval(acc[side])}"
+    paired = acc["paired"]
+    assert f"| base right | {paired['both_right']} | {paired['only_base']} |" in text
+    assert f"| base wrong | {paired['only_tuned']} | {paired['both_wrong']} |" in text
+    p = acc["mcnemar_p"]
+    assert (f"McNemar p = {p:.2g}" if p < 0.001 else f"McNemar p = {p:.3f}") in text
