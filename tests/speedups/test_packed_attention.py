@@ -54,9 +54,14 @@ def test_generation_is_unchanged():
     assert torch.equal(model.generate(prompt, max_new_tokens=5, do_sample=False), expected)
 
 
-@pytest.mark.parametrize("heads, kv_heads", [(4, 1), (2, 2)])
-def test_example_flash_attention_matches_sdpa_per_example_and_keeps_its_output_once(heads, kv_heads):
+@pytest.mark.parametrize("dense_max", [1024, 0], ids=["dense-backward", "kernel-backward"])
+@pytest.mark.parametrize("heads, kv_heads", [(4, 1), (2, 2), (4, 2)])
+def test_example_flash_attention_matches_sdpa_per_example_and_keeps_its_output_once(heads, kv_heads, dense_max,
+                                                                                    monkeypatch):
+    from mathtune.speedups import packed_attention
     from mathtune.speedups.packed_attention import ExampleFlashAttention
+
+    monkeypatch.setattr(packed_attention, "DENSE_BACKWARD_MAX", dense_max)
 
     torch.manual_seed(0)
     sizes, head_dim = [5, 9, 3], 16
@@ -82,8 +87,12 @@ def test_example_flash_attention_matches_sdpa_per_example_and_keeps_its_output_o
         storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in kept}
         results.append((out.detach(), q.grad, k.grad, v.grad, storages, out.untyped_storage().data_ptr()))
     (*reference, _, _), (*ours, ours_storages, ours_output) = results
-    for a, b in zip(reference, ours):
-        assert torch.equal(a, b)  # the same kernel calls (float32: no padding)
+    assert torch.equal(reference[0], ours[0])  # the forward is the kernel's (float32: no padding)
+    for a, b in zip(reference[1:], ours[1:]):
+        if dense_max:  # the gradients from dense_backward's products: the same up to float32 rounding
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        else:  # the kernel's own backward
+            assert torch.equal(a, b)
     assert ours_output in ours_storages  # what the model reads next is what backward keeps
 
 
@@ -111,3 +120,27 @@ def test_in_bfloat16_examples_go_to_the_kernel_padded_and_give_the_same_results(
     assert seen[:4] == [64, 128, 64, 192] and seen[4:] == sizes
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=0.02, atol=0.02)  # bfloat16: the kernel's blocks may sum in another order
+
+
+@pytest.mark.parametrize("heads, kv_heads", [(4, 1), (4, 2), (3, 3)])
+def test_dense_backward_gives_the_gradients_of_causal_softmax_attention(heads, kv_heads):
+    """Against autograd through attention written out in float64, on one example."""
+    from mathtune.speedups.packed_attention import dense_backward
+
+    torch.manual_seed(1)
+    n, head_dim, scale = 11, 8, 0.4
+    query, key, value = (torch.randn(1, h, n, head_dim, dtype=torch.float64) for h in (heads, kv_heads, kv_heads))
+    grad_output = torch.randn(1, n, heads, head_dim, dtype=torch.float64)
+
+    q, k, v = (t.clone().requires_grad_() for t in (query, key, value))
+    group = heads // kv_heads
+    scores = q @ k.repeat_interleave(group, dim=1).transpose(-1, -2) * scale
+    scores = scores.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf"))
+    output = (scores.softmax(-1) @ v.repeat_interleave(group, dim=1)).transpose(1, 2)  # [1, n, heads, d]
+    output.backward(grad_output)
+    logsumexp = scores.logsumexp(-1).detach()
+
+    grads = dense_backward(grad_output.transpose(1, 2), query, key, value, output.detach().transpose(1, 2),
+                           logsumexp, scale)
+    for ours, expected in zip(grads, (q.grad, k.grad, v.grad)):
+        torch.testing.assert_close(ours, expected, rtol=1e-10, atol=1e-10)

@@ -33,6 +33,12 @@ def fmt_p(value) -> str:
     return "< 0.001" if value < 0.001 else f"{value:.3f}"
 
 
+def fmt_p_is(value) -> str:
+    """A p-value after "p" in a sentence: "= 0.031" or "< 0.001" (fmt_p's figure with its relation)."""
+    shown = fmt_p(value)
+    return shown if shown.startswith("<") or shown == "n/a" else f"= {shown}"
+
+
 def fmt_ci(ci95) -> str:
     """A 95% interval of a share as "14.3–37.4%"."""
     return "n/a" if not ci95 else f"{ci95[0] * 100:.1f}–{ci95[1] * 100:.1f}%"

@@ -11,7 +11,7 @@ from pathlib import Path
 import jinja2
 
 from mathtune.report import sections
-from mathtune.report.formats import fmt_ci, fmt_md, fmt_num, fmt_p, fmt_pct, fmt_pct_points
+from mathtune.report.formats import fmt_ci, fmt_md, fmt_num, fmt_p, fmt_p_is, fmt_pct, fmt_pct_points
 
 TEMPLATES = Path(__file__).parent / "templates"
 PAGES = {"html": "report.html.j2", "md": "report.md.j2"}
@@ -29,7 +29,7 @@ def environment() -> jinja2.Environment:
         lstrip_blocks=True,
         keep_trailing_newline=True,
     )
-    env.filters.update(pct=fmt_pct, pctp=fmt_pct_points, num=fmt_num, p=fmt_p, ci=fmt_ci, md=fmt_md)
+    env.filters.update(pct=fmt_pct, pctp=fmt_pct_points, num=fmt_num, p=fmt_p, p_is=fmt_p_is, ci=fmt_ci, md=fmt_md)
     return env
 
 

@@ -94,6 +94,12 @@ class ExampleFlashAttention(torch.autograd.Function):
     grows with each new length, and a fine-tuning run meets hundreds of lengths. Under a causal mask
     no real position attends to the padding after it, and the padding's output (discarded) gets no
     gradient, so the real positions' outputs and gradients are those of the example alone.
+
+    Backward is the kernel's own only for examples longer than DENSE_BACKWARD_MAX tokens. Shorter
+    ones (every GSM8K example) go through `dense_backward`: the same gradients from five matrix
+    products over the example's whole [length, length] score matrix, recomputed from the
+    forward's log-sum-exp. On CPUs the kernel's 16-bit backward works in small blocks and took
+    about nine times its forward (bench/RESULTS.md); at these lengths the score matrix is small.
     """
 
     @staticmethod
@@ -120,15 +126,51 @@ class ExampleFlashAttention(torch.autograd.Function):
                      grad_output.split(sizes, 1), logsumexps, *(grad.split(sizes, 2) for grad in grads))
         for query_piece, key_piece, value_piece, output_piece, grad_piece, logsumexp, *grad_pieces in pieces:
             size = query_piece.shape[2]
-            piece_grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-                *_padded(grad_piece.transpose(1, 2), query_piece, key_piece, value_piece, output_piece.transpose(1, 2)),
-                logsumexp, 0.0, True, scale=ctx.scale)
+            padded = _padded(grad_piece.transpose(1, 2), query_piece, key_piece, value_piece, output_piece.transpose(1, 2))
+            if size <= DENSE_BACKWARD_MAX:
+                piece_grads = dense_backward(*padded, logsumexp, ctx.scale)
+            else:
+                piece_grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+                    *padded, logsumexp, 0.0, True, scale=ctx.scale)
             for grad_piece_out, piece_grad in zip(grad_pieces, piece_grads):
                 grad_piece_out.copy_(piece_grad[:, :, :size])
         return *grads, None, None
 
 
 LENGTH_STEP = 64  # tokens: the lengths an example is padded to for the CPU flash-attention kernel
+DENSE_BACKWARD_MAX = 1024  # tokens: longer examples' backward is the kernel's (dense_backward's scores grow as length^2)
+
+
+def dense_backward(grad_output, query, key, value, output, logsumexp, scale):
+    """Causal attention's gradients (query's, key's, value's) for one example, from its forward's results.
+
+    query, output and grad_output [1, heads, n, d]; key and value [1, kv_heads, n, d] (each key/value
+    head shared by a group of query heads); logsumexp [1, heads, n], the forward's, in float32 or
+    wider: the arguments of the CPU flash-attention kernel's backward, in its order. The textbook
+    backward of softmax attention (FlashAttention's, without its tiling): P = exp(scale * Q K^T -
+    logsumexp) on and below the diagonal, dV = P^T dO, dS = P * (dO V^T - rowsum(dO * O)),
+    dQ = scale * dS K, dK = scale * dS^T Q. A group's query heads are stacked into one product with
+    their shared key. Scores and probabilities are float32 for 16-bit inputs; the products read the
+    inputs' dtype, as the kernel's do. The upper triangle is zeroed after exp rather than set to
+    -inf before it: exp of -inf takes a slow path on CPUs.
+    """
+    heads, n, head_dim = query.shape[1:]
+    group = heads // key.shape[1]
+    above = torch.ones(n, n, dtype=torch.bool, device=query.device).triu_(1)
+    exact = torch.promote_types(query.dtype, torch.float32)
+    grads = [torch.empty_like(tensor) for tensor in (query, key, value)]
+    for kv_head in range(key.shape[1]):
+        rows = slice(kv_head * group, (kv_head + 1) * group)
+        q, g, o = (tensor[0, rows].reshape(group * n, head_dim) for tensor in (query, grad_output, output))
+        k, v = key[0, kv_head], value[0, kv_head]
+        probs = (q @ k.t()).to(exact).mul_(scale).sub_(logsumexp[0, rows].reshape(-1, 1)).exp_()
+        probs.view(group, n, n).masked_fill_(above, 0.0)
+        grads[2][0, kv_head] = probs.to(query.dtype).t() @ g
+        row_dot = (g.to(exact) * o.to(exact)).sum(dim=-1, keepdim=True)
+        grad_scores = probs.mul_((g @ v.t()).to(exact).sub_(row_dot)).mul_(scale).to(query.dtype)
+        grads[0][0, rows] = (grad_scores @ k).view(group, n, head_dim)
+        grads[1][0, kv_head] = grad_scores.t() @ q
+    return grads
 
 
 def _padded(*tensors: torch.Tensor) -> list[torch.Tensor]:
