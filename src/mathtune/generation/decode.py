@@ -25,7 +25,7 @@ from mathtune.generation.head import GreedyHead, plain_head
 from mathtune.generation.shared_prefix import NAME, SlotKV, Step, UnsupportedModel
 
 PREFILL_TOKENS = 4096  # padded prompt tokens per prefill call: bounds its attention scores' memory
-SLOTS_CAP = {"cpu": 128, "cuda": 512}  # beyond these a step's products gain little (bench/RESULTS.md)
+SLOTS_CAP = {"cpu": 256, "cuda": 512}  # rows a step; more share the head's weight read, with less gain (bench/RESULTS.md)
 MEMORY_SHARE = 0.25  # the share of free memory the slots' KV cache may take
 
 
