@@ -150,8 +150,8 @@ def dense_backward(grad_output, query, key, value, output, logsumexp, scale):
     backward of softmax attention (FlashAttention's, without its tiling): P = exp(scale * Q K^T -
     logsumexp) on and below the diagonal, dV = P^T dO, dS = P * (dO V^T - rowsum(dO * O)),
     dQ = scale * dS K, dK = scale * dS^T Q. A group's query heads are stacked into one product with
-    their shared key. Scores and probabilities are float32 for 16-bit inputs; the products read the
-    inputs' dtype, as the kernel's do. The upper triangle is zeroed after exp rather than set to
+    their shared key. The products read and write the inputs' dtype; for 16-bit inputs the softmax's
+    arithmetic (scores, probabilities, their gradient) is float32. The upper triangle is zeroed after exp rather than set to
     -inf before it: exp of -inf takes a slow path on CPUs.
     """
     heads, n, head_dim = query.shape[1:]
