@@ -2,9 +2,8 @@
 
 The packaged Gemma 3 270M, greedy, 8-shot, the seeded test problems `mathtune eval` picks. Wall
 time of each stage of mathtune.generation (the shared prefix, prefills of joining problems, decoding
-steps and, inside them, the LM head's argmax; slot moves; the stop checks' text decoding), then the
-head's and the decoder's weights reordered once against plain products, side by side, and a torch
-profile of one full decoding step split into matrix products, attention and the rest.
+steps and, inside them, the LM head's argmax; slot moves; the stop checks' text decoding), then a
+torch profile of one full decoding step split into matrix products, attention and the rest.
 
     PYTHONPATH=src .venv/bin/python bench/profile_eval.py --n 256
 """
@@ -46,19 +45,12 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=256)
     parser.add_argument("--shots", type=int, default=8)
     parser.add_argument("--batch-size", type=int)
-    parser.add_argument("--side-by-side-only", action="store_true",
-                        help="skip the staged run and the step profile: only the reordered-weight comparisons")
     args = parser.parse_args()
     config = load_config("cpu-demo", [f"eval.limit={args.n}", f"eval.shots={args.shots}"])
     problems, train = evaluation_problems(config, data_module.load_dataset(config.data))
     examples = choose_fewshot_examples(train, args.shots, config.eval.seed)
     prompts = [fewshot_prompt(p["question"], examples) for p in problems]
     model, tokenizer = load_model(PACKAGED_GEMMA), load_tokenizer(PACKAGED_GEMMA)
-    rows = args.batch_size or decode.SLOTS_CAP[model.device.type]
-    if args.side_by_side_only:
-        head_side_by_side(model, rows)
-        linears_side_by_side(model, tokenizer, prompts, rows)
-        return
     list(generate_answers(model, tokenizer, prompts[:2], 4, progress=False))  # warm-up
 
     forward = decode._forward
@@ -86,9 +78,8 @@ def main() -> None:
     print(f"| the rest (tokenizing, scheduling, Python) | "
           f"{elapsed - sum(v for k, v in SECONDS.items() if not k.startswith(' ')):.1f} | | | |")
     decode._forward = forward
-    head_side_by_side(model, rows)
-    linears_side_by_side(model, tokenizer, prompts, rows)
-    step_profile(model, tokenizer, prompts, rows)
+    head_side_by_side(model, args.batch_size or decode.SLOTS_CAP[model.device.type])
+    step_profile(model, tokenizer, prompts, args.batch_size or decode.SLOTS_CAP[model.device.type])
 
 
 def head_side_by_side(model, rows: int, repeats: int = 5) -> None:
@@ -110,45 +101,6 @@ def head_side_by_side(model, rows: int, repeats: int = 5) -> None:
           + ", ".join(f"{name} {seconds[name] / repeats * 1000:.1f} ms" for name in heads)
           + f"; ratio {seconds['plain products'] / seconds['reordered once']:.2f}; "
           f"same ids: {ids['plain products'] == ids['reordered once']}")
-
-
-def linears_side_by_side(model, tokenizer, prompts: list[str], rows: int, repeats: int = 5) -> None:
-    """One decoding step of `rows` rows, 150 tokens past the prefix, with the decoder's Linears reordered
-    once (packed_linears) and with plain products, alternating, on the same inputs."""
-    from mathtune.generation.packed_linears import packed_linears
-    from mathtune.generation.shared_prefix import SlotKV
-
-    ids = tokenizer(prompts[:2])["input_ids"]
-    prefix_len = decode.common_prefix_length(ids)
-    seconds, tokens = collections.Counter(), {}
-    with torch.inference_mode(), decode.shared_prefix_attention(model):
-        prefix = SlotKV.empty(model.config, 1, prefix_len, model.dtype, model.device)
-        decode._forward(model, prefix, 0, [0], [ids[0][:prefix_len]])
-        kv = SlotKV.empty(model.config, rows, 400, model.dtype, model.device, prefix=prefix, prefix_len=prefix_len)
-        inputs = [[100 + row] for row in range(rows)]
-        head = decode.GreedyHead(model.get_output_embeddings().weight, rows)
-        decoder = model.get_decoder()
-        start = time.perf_counter()
-        with packed_linears(decoder, rows) as count:
-            reorder_s = time.perf_counter() - start
-            packed = {m: vars(m)["forward"] for m in decoder.modules() if "forward" in vars(m)}
-            for round_ in range(repeats + 1):  # round 0 warms up both sides
-                for name in ("reordered once", "plain products"):
-                    if name == "plain products":
-                        for module in packed:
-                            del module.forward
-                    start = time.perf_counter()
-                    tokens[name] = decode._forward(model, kv, 0, [150] * rows, inputs, head)
-                    if round_:
-                        seconds[name] += time.perf_counter() - start
-                    if name == "plain products":
-                        for module, forward in packed.items():
-                            module.forward = forward
-    print(f"one decoding step, {rows} rows, the decoder's {count} Linears reordered once (the reorder itself: "
-          f"{reorder_s * 1000:.0f} ms, once per evaluation) against plain products: {seconds['reordered once'] / repeats * 1000:.1f} ms against "
-          f"{seconds['plain products'] / repeats * 1000:.1f} ms; ratio "
-          f"{seconds['plain products'] / seconds['reordered once']:.2f}; "
-          f"same ids: {tokens['plain products'] == tokens['reordered once']}")
 
 
 def step_profile(model, tokenizer, prompts: list[str], rows: int) -> None:

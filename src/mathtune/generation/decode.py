@@ -8,8 +8,7 @@ reads its rows' keys as one slice: when a row stops, the last live row moves int
 
 A row stops on an end-of-sequence id, at max_new_tokens, or when `finished(generated_ids)` says
 so; that check (which decodes the row's text) runs only after a token in `triggers`, the tokens
-whose text can complete a stop pattern, not after every token. On a CPU the decoder's bfloat16
-weights are reordered once per call into oneDNN's layout (packed_linears), as the head's are (head).
+whose text can complete a stop pattern, not after every token.
 """
 
 from __future__ import annotations
@@ -23,7 +22,6 @@ from dataclasses import dataclass, field
 import torch
 
 from mathtune.generation.head import GreedyHead, plain_head
-from mathtune.generation.packed_linears import packed_linears
 from mathtune.generation.shared_prefix import NAME, SlotKV, Step, UnsupportedModel
 
 PREFILL_TOKENS = 4096  # padded prompt tokens per prefill call: bounds its attention scores' memory
@@ -138,7 +136,7 @@ def greedy_decode(
     weight = plain_head(model)
     head = GreedyHead(weight, slots) if weight is not None else None
 
-    with shared_prefix_attention(model), packed_linears(model.get_decoder(), slots):
+    with shared_prefix_attention(model):
         prefix = None
         if prefix_len:
             prefix = SlotKV.empty(config, 1, prefix_len, dtype, device)
