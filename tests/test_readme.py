@@ -40,3 +40,17 @@ def test_the_readmes_result_is_the_committed_full_runs_summary():
     assert f"| base wrong | {paired['only_tuned']} | {paired['both_wrong']} |" in text
     p = acc["mcnemar_p"]
     assert (f"McNemar p = {p:.2g}" if p < 0.001 else f"McNemar p = {p:.3f}") in text
+
+
+def test_the_readmes_stage_times_are_the_committed_full_runs():
+    import json
+
+    summary = json.loads((RESULT / "summary.json").read_text(encoding="utf-8"))
+    section = re.search(r"^## Result:(.*?)(?=^## )", README.read_text(encoding="utf-8"), re.S | re.M)
+    text = " ".join(section.group(1).split())
+    minutes = {phase["phase"]: f"{phase['hours'] * 60:.1f}" for phase in summary["cost"]["phases"]}
+    assert f"| base evaluation | {minutes['base evaluation']} min |" in text
+    assert re.search(rf"\| training \([^|]*\) \| {re.escape(minutes['training'])} min \|", text)
+    assert f"| tuned evaluation | {minutes['tuned evaluation']} min |" in text
+    robustness = (minutes["robustness evaluation, base model"], minutes["robustness evaluation, tuned model"])
+    assert "| robustness, base and tuned | {} and {} min |".format(*robustness) in text
