@@ -42,6 +42,7 @@ import json
 import math
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -109,6 +110,17 @@ def train_with_trl(args, problems: list[dict], out: Path, name: str = "trl") -> 
     }
 
 
+def written_by_this_benchmark(run_dir: Path) -> bool:
+    """Whether run_dir is a run this script started: its environment.json records this script as the command.
+    `mathtune train --overwrite` replaces only directories that carry the current marker of a mathtune
+    run, so a run written by an older mathtune would otherwise stop the benchmark."""
+    try:
+        command = json.loads((run_dir / "environment.json").read_text()).get("command") or []
+    except (OSError, ValueError, AttributeError):
+        return False
+    return bool(command) and Path(str(command[0])).name == Path(__file__).name
+
+
 def train_with_mathtune(args, problems: list[dict], out: Path, name: str) -> dict:
     """(b): `mathtune train` on a GSM8K directory holding the problems plus the validation share it holds out."""
     from mathtune.cli import main as mathtune_main
@@ -116,6 +128,8 @@ def train_with_mathtune(args, problems: list[dict], out: Path, name: str) -> dic
 
     data_dir = out / f"data-{name}"
     data_dir.mkdir(parents=True, exist_ok=True)
+    if written_by_this_benchmark(out / name):  # an earlier run of this benchmark, maybe by an older mathtune
+        shutil.rmtree(out / name)
     for split, rows in (("train", problems), ("test", problems[:1])):
         (data_dir / f"{split}.jsonl").write_text(
             "".join(json.dumps({"question": p["question"], "answer": p["answer"]}) + "\n" for p in rows))
