@@ -24,13 +24,17 @@ def _interval(block: dict) -> str:
     return f"{block['value']:.1%} ({block['correct']}/{block['total']}; 95% CI {low:.1%}-{high:.1%})"
 
 
-def test_the_readmes_result_is_the_committed_full_runs_summary():
+def _result_section_and_summary() -> tuple[str, dict]:
+    """The README's '## Result:' section, whitespace folded, and the committed run's summary.json."""
     import json
 
-    summary = json.loads((RESULT / "summary.json").read_text(encoding="utf-8"))
     section = re.search(r"^## Result:(.*?)(?=^## )", README.read_text(encoding="utf-8"), re.S | re.M)
     assert section, "README has no '## Result:' section"
-    text = " ".join(section.group(1).split())
+    return " ".join(section.group(1).split()), json.loads((RESULT / "summary.json").read_text(encoding="utf-8"))
+
+
+def test_the_readmes_result_is_the_committed_full_runs_summary():
+    text, summary = _result_section_and_summary()
     acc = summary["accuracy"]
     assert acc["paired"]["n"] == 1319 and acc["base"]["total"] == acc["tuned"]["total"] == 1319
     for side in ("base", "tuned"):
@@ -43,11 +47,7 @@ def test_the_readmes_result_is_the_committed_full_runs_summary():
 
 
 def test_the_readmes_stage_times_are_the_committed_full_runs():
-    import json
-
-    summary = json.loads((RESULT / "summary.json").read_text(encoding="utf-8"))
-    section = re.search(r"^## Result:(.*?)(?=^## )", README.read_text(encoding="utf-8"), re.S | re.M)
-    text = " ".join(section.group(1).split())
+    text, summary = _result_section_and_summary()
     minutes = {phase["phase"]: f"{phase['hours'] * 60:.1f}" for phase in summary["cost"]["phases"]}
     assert f"| base evaluation | {minutes['base evaluation']} min |" in text
     assert re.search(rf"\| training \([^|]*\) \| {re.escape(minutes['training'])} min \|", text)
