@@ -151,8 +151,8 @@ def dense_backward(grad_output, query, key, value, output, logsumexp, scale):
     logsumexp) on and below the diagonal, dV = P^T dO, dS = P * (dO V^T - rowsum(dO * O)),
     dQ = scale * dS K, dK = scale * dS^T Q. A group's query heads are stacked into one product with
     their shared key. The products read and write the inputs' dtype; for 16-bit inputs the softmax's
-    arithmetic (scores, probabilities, their gradient) is float32. The upper triangle is zeroed after exp rather than set to
-    -inf before it: exp of -inf takes a slow path on CPUs.
+    arithmetic (scores, probabilities, their gradient) is float32. The upper triangle is zeroed after
+    exp rather than set to -inf before it: exp of -inf takes a slow path on CPUs.
     """
     heads, n, head_dim = query.shape[1:]
     group = heads // key.shape[1]
