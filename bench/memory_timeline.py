@@ -15,6 +15,7 @@ which stage holds it. Linux only (/proc/self/status).
 from __future__ import annotations
 
 import argparse
+import ctypes
 import os
 import resource
 import runpy
@@ -34,6 +35,24 @@ def resident_mb() -> int:
     raise RuntimeError("no VmRSS in /proc/self/status")
 
 
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def heap_in_use_mb() -> int | None:
+    """Bytes the C library's heap has handed out and not had back (glibc's mallinfo2, all arenas), or None.
+
+    Resident memory minus this is mostly heap the allocator keeps free: fragmentation, not live data.
+    """
+    libc = ctypes.CDLL(None)
+    if not hasattr(libc, "mallinfo2"):
+        return None
+    libc.mallinfo2.restype = _MallInfo2
+    info = libc.mallinfo2()
+    return (info.uordblks + info.hblkhd) // 2**20
+
+
 def sample(out, main_thread: int, every: float) -> None:
     """Write one line per change of the watched stack: seconds, resident MB, the frames."""
     started, last = time.perf_counter(), None
@@ -42,9 +61,10 @@ def sample(out, main_thread: int, every: float) -> None:
         frames = [f"{os.path.basename(f.filename)}:{f.name}:{f.lineno}"
                   for f in (traceback.extract_stack(frame) if frame else []) if any(w in f.filename for w in WATCHED)]
         where = " > ".join(frames[-5:])
-        rss = resident_mb()
+        rss, live = resident_mb(), heap_in_use_mb()
         if (where, rss // 50) != last:  # a new place, or 50 MB more or less
-            out.write(f"{time.perf_counter() - started:8.2f} s {rss:6d} MB  {where}\n")
+            heap = f" (heap in use {live:5d} MB)" if live is not None else ""
+            out.write(f"{time.perf_counter() - started:8.2f} s {rss:6d} MB{heap}  {where}\n")
             out.flush()
             last = (where, rss // 50)
         time.sleep(every)

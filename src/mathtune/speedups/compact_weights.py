@@ -22,11 +22,12 @@ in bfloat16.
   matrices (63 of the decoder's 100 million weights) compact; the rest are GGUF Q4_K and Q6_K
   blocks, whose values are not codes x one scale.
 
-The model keeps its float32 weights for everything else (the embedding lookup, generation, saving,
-merging). That only saves memory where a weight is memory-mapped from the checkpoint file, as
-transformers loads float32 safetensors on a CPU: its pages are read from the file when touched,
-and the pages the check read are handed back to the file (madvise), so the matrix is not resident
-while training. Elsewhere (a GPU, or weights converted on load, which live in ordinary memory)
+The model keeps its float32 weights for everything else (generation, saving, merging; a training
+step's lookup in an embedding tied to the head reads the head's compact rows, see
+mathtune.speedups.lm_loss.compact_lookup). That only saves memory where a weight is memory-mapped
+from the checkpoint file, as transformers loads float32 safetensors on a CPU: its pages are read
+from the file when touched, and the pages the check read are handed back to the file (madvise), so
+the matrix is not resident while training. Elsewhere (a GPU, or weights converted on load, which live in ordinary memory)
 nothing is done: a compact copy beside them would add memory, not save it.
 """
 
@@ -126,7 +127,7 @@ def compact_rows(weight: torch.Tensor, mappings: list[tuple[int, int]] | None = 
             parts.append(piece.to(torch.bfloat16))
         else:
             form = None
-        _hand_back_pages(piece)
+        hand_back_pages(piece)
         if form is None:
             return None
     if form == "int8":
@@ -152,7 +153,7 @@ def compact_rounded_rows(weight: torch.Tensor, exact: torch.Tensor | None) -> In
     for start in range(0, weight.shape[0], CHECK_ROWS):
         piece = weight[start : start + CHECK_ROWS]
         same = torch.equal(rows[start : start + CHECK_ROWS], piece)
-        _hand_back_pages(piece)
+        hand_back_pages(piece)
         if not same:
             return None
     return rows
@@ -191,7 +192,7 @@ def _clean_file_mappings() -> list[tuple[int, int]]:
     return clean
 
 
-def _hand_back_pages(tensor: torch.Tensor) -> None:
+def hand_back_pages(tensor: torch.Tensor) -> None:
     """Drop the resident pages wholly inside the tensor's bytes; a later read brings them back from the file."""
     page = mmap.PAGESIZE
     first = -(-tensor.data_ptr() // page) * page

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mathtune.speedups.compact_weights import compact_rounded_rows, compact_rows
+from mathtune.speedups.compact_weights import compact_rounded_rows, compact_rows, hand_back_pages
 
 VOCAB_SLICE = 1024  # words per slice: a [1024, 1024] float32 tile is 4 MiB and stays in cache (vs 4,096: RESULTS.md)
 TOKEN_CHUNK = 1024  # positions per pass over the vocabulary
@@ -211,17 +211,50 @@ def head_weight(model, original: torch.Tensor | None = None):
     return compact_rows(weight) or compact_rounded_rows(weight, original) or weight
 
 
+def compact_lookup(model, weight):
+    """The input embedding's lookup read from the head's compact rows `weight`, where the model ties the
+    embedding to the head and the lookup gives the embedding module's own output; else None.
+
+    The embedding module reads its weight's rows from the memory-mapped checkpoint, and every read
+    maps in the file's pages around the row as well: step after step, most of the tied head's pages
+    became resident again although the loss head never reads them. Read from the compact rows, the
+    same values come from memory that is resident anyway. Known embeddings only: a plain
+    nn.Embedding, or one that scales its output by `embed_scale` (Gemma's); the result is checked
+    against the module's own on rows spread over the vocabulary.
+    """
+    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if (isinstance(weight, torch.Tensor) or not isinstance(embedding, torch.nn.Embedding) or head is None
+            or embedding.weight is not head.weight or embedding.max_norm is not None):
+        return None
+    scale = getattr(embedding, "embed_scale", None)
+    if type(embedding) is not torch.nn.Embedding and not isinstance(scale, torch.Tensor):
+        return None
+
+    def lookup(input_ids: torch.Tensor) -> torch.Tensor:
+        rows = weight[input_ids.reshape(-1)].view(*input_ids.shape, -1)
+        return rows if scale is None else rows * scale.to(embedding.weight.dtype)
+
+    probe = torch.linspace(0, embedding.num_embeddings - 1, 64).long().view(2, 32)
+    with torch.no_grad():
+        same = torch.equal(lookup(probe), embedding(probe))
+    hand_back_pages(embedding.weight)  # the pages the probe read (the kernel may map megabytes around each row)
+    return lookup if same else None
+
+
 def install_loss_head(model, original: torch.Tensor | None = None) -> int:
     """Give a causal LM a `loss_head=True` forward mode that returns a HeadOutput instead of logits.
 
     The mode goes through the model's own forward call (so DDP, PEFT and Accelerate wrappers see an
     ordinary forward), runs the decoder, and applies loss_positions_head, with the head's weight in a
-    compact exact form where that saves memory (mathtune.speedups.compact_weights); any other call is the
-    original forward, so generation is unchanged.
+    compact exact form where that saves memory (mathtune.speedups.compact_weights), and the tied input
+    embedding's lookup read from it too (compact_lookup); any other call is the original forward, so
+    generation is unchanged.
     """
     original_forward = model.forward
     softcap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
     weight = head_weight(model, original)
+    lookup = compact_lookup(model, weight)
+    embedding = model.get_input_embeddings()
 
     @functools.wraps(original_forward)
     def forward(*args, loss_head=False, labels=None, **kwargs):
@@ -229,6 +262,10 @@ def install_loss_head(model, original: torch.Tensor | None = None) -> int:
             return original_forward(*args, **({"labels": labels} if labels is not None else {}), **kwargs)
         kwargs.pop("num_items_in_batch", None)
         kwargs["use_cache"] = False
+        # not where hooks watch the embedding's output (PEFT's for gradient checkpointing: its input must require grad)
+        if (lookup is not None and kwargs.get("input_ids") is not None and kwargs.get("inputs_embeds") is None
+                and not embedding._forward_hooks and not embedding._forward_pre_hooks):
+            kwargs["inputs_embeds"] = lookup(kwargs.pop("input_ids"))
         hidden = model.get_decoder()(*args, **kwargs).last_hidden_state
         return loss_positions_head(hidden, labels, weight, softcap)
 

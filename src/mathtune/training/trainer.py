@@ -53,6 +53,9 @@ class MathTuneTrainer(SFTTrainer):
         original = float32_original(causal_lm, head.weight) if head is not None else None
         self.speedups = speedups.apply(self.model, speedups_flags, head_original=original)
         self.loss_head = "loss_head" in self.speedups
+        # What loading left free in the C heap (the tokenizer's parse, the weight checks) goes back now:
+        # kept, its holes and the heap the steps add on top would both stay resident through training.
+        release_free_heap()
 
     # --- training steps -------------------------------------------------------------------------
 
