@@ -6,12 +6,13 @@ import pytest
 import torch
 
 from mathtune.speedups.compact_weights import (
-    Bfloat16Rows, Int8BlockRows, as_int8_blocks, compact_rounded_rows, compact_rows, use_compact_base_weights,
+    Bfloat16Rows, Int8BlockRows, as_int8_blocks, compact_rounded_rows, compact_rows, hand_back_file_pages,
+    use_compact_base_weights,
 )
 from mathtune.speedups.dropout import use_uniform_dropout
 from mathtune.speedups.fused_lora import use_fused_lora
 from mathtune.speedups.gated_mlp import use_gated_mlp
-from mathtune.speedups.lm_loss import LinearCrossEntropy
+from mathtune.speedups.lm_loss import LinearCrossEntropy, compact_lookup, install_loss_head
 from mathtune.model_cache import PACKAGED_DIR_NAME, float32_original
 from mathtune.models import TINY_RANDOM, load_model
 
@@ -224,3 +225,52 @@ def test_lora_training_gives_the_same_results_from_compact_base_weights(tmp_path
         assert torch.equal(compact_model(input_ids=torch.tensor([[5, 6, 7]])).logits,
                            dense_model.eval()(input_ids=torch.tensor([[5, 6, 7]])).logits)
     assert resident(compact_model) <= compact_kb
+
+
+def test_a_tied_embedding_is_looked_up_in_the_heads_compact_rows():
+    model = load_model(TINY_RANDOM, "float32")
+    embedding = model.get_input_embeddings()
+    assert embedding.weight is model.get_output_embeddings().weight  # tied, as Gemma's
+    embedding.weight.data = q8_0_values(*embedding.weight.shape)
+    rows = Int8BlockRows(*as_int8_blocks(embedding.weight.data), torch.float32)
+    lookup = compact_lookup(model, rows)
+    ids = torch.tensor([[0, 5, embedding.num_embeddings - 1], [3, 3, 1]])
+    assert torch.equal(lookup(ids), embedding(ids))  # Gemma's embed_scale applied as the module applies it
+    other = Int8BlockRows(*as_int8_blocks(q8_0_values(*embedding.weight.shape, seed=1)), torch.float32)
+    assert compact_lookup(model, other) is None  # rows of other values: the module's own lookup
+    assert compact_lookup(model, embedding.weight) is None  # no compact form: nothing to gain
+
+
+@linux_only
+def test_the_loss_head_reads_a_tied_embedding_from_its_compact_rows(tmp_path):
+    model = load_model(TINY_RANDOM, "float32")
+    embedding = model.get_input_embeddings()
+    embedding.weight.data = q8_0_values(*embedding.weight.shape)
+    model.save_pretrained(tmp_path / "model")
+    model = load_model(str(tmp_path / "model"), "float32").requires_grad_(False)  # memory-mapped: kept compact
+    torch.manual_seed(3)
+    ids = torch.randint(3, 90, (2, 12))
+    labels = ids.clone()
+    labels[:, :4] = -100
+    expected = model(input_ids=ids, labels=labels).loss
+    install_loss_head(model)
+    embedding, calls = model.get_input_embeddings(), []
+    module_forward = embedding.forward
+    embedding.forward = lambda *args: calls.append(1) or module_forward(*args)
+    out = model(input_ids=ids, labels=labels, loss_head=True)
+    torch.testing.assert_close(out.losses.sum() / out.mask.sum(), expected, rtol=1e-5, atol=1e-6)
+    assert calls == []  # the lookup came from the compact rows
+    embedding.register_forward_hook(lambda *args: None)  # as PEFT's, for gradient checkpointing
+    again = model(input_ids=ids, labels=labels, loss_head=True)
+    assert calls == [1] and torch.equal(again.losses, out.losses)  # hooked: the module itself, same values
+
+
+@linux_only
+def test_pages_are_handed_back_only_where_the_file_gives_them_back(tmp_path):
+    values = q8_0_values(4096, 256)
+    ordinary = values.clone()
+    assert not hand_back_file_pages(ordinary) and torch.equal(ordinary, values)  # dropped, they would read as zeros
+    weight = mapped(values, tmp_path / "weight.bin")
+    assert torch.equal(weight, values) and resident_kb(weight) > 16
+    assert hand_back_file_pages(weight) and resident_kb(weight) <= 16
+    assert torch.equal(weight, values)  # read again from the file

@@ -127,7 +127,7 @@ def compact_rows(weight: torch.Tensor, mappings: list[tuple[int, int]] | None = 
             parts.append(piece.to(torch.bfloat16))
         else:
             form = None
-        hand_back_pages(piece)
+        _hand_back_pages(piece)
         if form is None:
             return None
     if form == "int8":
@@ -153,7 +153,7 @@ def compact_rounded_rows(weight: torch.Tensor, exact: torch.Tensor | None) -> In
     for start in range(0, weight.shape[0], CHECK_ROWS):
         piece = weight[start : start + CHECK_ROWS]
         same = torch.equal(rows[start : start + CHECK_ROWS], piece)
-        hand_back_pages(piece)
+        _hand_back_pages(piece)
         if not same:
             return None
     return rows
@@ -192,7 +192,17 @@ def _clean_file_mappings() -> list[tuple[int, int]]:
     return clean
 
 
-def hand_back_pages(tensor: torch.Tensor) -> None:
+def hand_back_file_pages(tensor: torch.Tensor) -> bool:
+    """Drop the tensor's resident pages where it lies in a clean file mapping (they are read again from
+    the file); returns whether it did. Elsewhere nothing is done: dropped pages of ordinary memory
+    would come back as zeros."""
+    if not _in_clean_file_mapping(tensor):
+        return False
+    _hand_back_pages(tensor)
+    return True
+
+
+def _hand_back_pages(tensor: torch.Tensor) -> None:
     """Drop the resident pages wholly inside the tensor's bytes; a later read brings them back from the file."""
     page = mmap.PAGESIZE
     first = -(-tensor.data_ptr() // page) * page

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mathtune.speedups.compact_weights import compact_rounded_rows, compact_rows, hand_back_pages
+from mathtune.speedups.compact_weights import compact_rounded_rows, compact_rows, hand_back_file_pages
 
 VOCAB_SLICE = 1024  # words per slice: a [1024, 1024] float32 tile is 4 MiB and stays in cache (vs 4,096: RESULTS.md)
 TOKEN_CHUNK = 1024  # positions per pass over the vocabulary
@@ -237,7 +237,7 @@ def compact_lookup(model, weight):
     probe = torch.linspace(0, embedding.num_embeddings - 1, 64).long().view(2, 32)
     with torch.no_grad():
         same = torch.equal(lookup(probe), embedding(probe))
-    hand_back_pages(embedding.weight)  # the pages the probe read (the kernel may map megabytes around each row)
+    hand_back_file_pages(embedding.weight)  # the pages the probe read (the kernel may map megabytes around each row)
     return lookup if same else None
 
 
