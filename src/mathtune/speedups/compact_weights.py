@@ -27,8 +27,8 @@ step's lookup in an embedding tied to the head reads the head's compact rows, se
 mathtune.speedups.lm_loss.compact_lookup). That only saves memory where a weight is memory-mapped
 from the checkpoint file, as transformers loads float32 safetensors on a CPU: its pages are read
 from the file when touched, and the pages the check read are handed back to the file (madvise), so
-the matrix is not resident while training. Elsewhere (a GPU, or weights converted on load, which live in ordinary memory)
-nothing is done: a compact copy beside them would add memory, not save it.
+the matrix is not resident while training. Elsewhere (a GPU, or weights converted on load, which
+live in ordinary memory) nothing is done: a compact copy beside them would add memory, not save it.
 """
 
 from __future__ import annotations
