@@ -40,21 +40,24 @@ class _MallInfo2(ctypes.Structure):
         "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
 
 
+MALLINFO2 = getattr(ctypes.CDLL(None), "mallinfo2", None)  # glibc 2.33 and later
+if MALLINFO2 is not None:
+    MALLINFO2.restype = _MallInfo2
+
+
 def heap_in_use_mb() -> int | None:
     """Bytes the C library's heap has handed out and not had back (glibc's mallinfo2, all arenas), or None.
 
     Resident memory minus this is mostly heap the allocator keeps free: fragmentation, not live data.
     """
-    libc = ctypes.CDLL(None)
-    if not hasattr(libc, "mallinfo2"):
+    if MALLINFO2 is None:
         return None
-    libc.mallinfo2.restype = _MallInfo2
-    info = libc.mallinfo2()
+    info = MALLINFO2()
     return (info.uordblks + info.hblkhd) // 2**20
 
 
 def sample(out, main_thread: int, every: float) -> None:
-    """Write one line per change of the watched stack: seconds, resident MB, the frames."""
+    """Write one line per change of the watched stack: seconds, resident MB, the heap in use, the frames."""
     started, last = time.perf_counter(), None
     while True:
         frame = sys._current_frames().get(main_thread)
