@@ -89,7 +89,7 @@ def head_side_by_side(model, rows: int, repeats: int = 5) -> None:
     hidden = torch.randn(rows, weight.shape[1], dtype=weight.dtype, device=weight.device)
     reordered, plain = GreedyHead(weight, rows), GreedyHead(weight, rows)
     plain.packed = False
-    plain.slices = [(first, weight[first : first + CHUNK_ROWS]) for first in range(0, weight.shape[0], CHUNK_ROWS)]
+    plain.slices = [(first, weight[first : first + CHUNK_ROWS["cpu"]]) for first in range(0, weight.shape[0], CHUNK_ROWS["cpu"])]
     heads = {"reordered once": reordered, "plain products": plain}
     seconds, ids = collections.Counter(), {}
     for _ in range(repeats):
