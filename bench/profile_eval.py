@@ -45,12 +45,22 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=256)
     parser.add_argument("--shots", type=int, default=8)
     parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--head-only", action="store_true", help="only the head's side-by-side")
+    parser.add_argument("--compare-heads", action="store_true",
+                        help="decode the N problems with the head as it is and with 65,536-row slices (max with "
+                             "positions), alternating new, old, new, and print each run's time")
     args = parser.parse_args()
     config = load_config("cpu-demo", [f"eval.limit={args.n}", f"eval.shots={args.shots}"])
     problems, train = evaluation_problems(config, data_module.load_dataset(config.data))
     examples = choose_fewshot_examples(train, args.shots, config.eval.seed)
     prompts = [fewshot_prompt(p["question"], examples) for p in problems]
     model, tokenizer = load_model(PACKAGED_GEMMA), load_tokenizer(PACKAGED_GEMMA)
+    if args.head_only:
+        head_side_by_side(model, args.batch_size or decode.SLOTS_CAP[model.device.type])
+        return
+    if args.compare_heads:
+        compare_heads(model, tokenizer, prompts, config.eval.max_new_tokens, args.batch_size)
+        return
     list(generate_answers(model, tokenizer, prompts[:2], 4, progress=False))  # warm-up
 
     forward = decode._forward
@@ -83,24 +93,53 @@ def main() -> None:
 
 
 def head_side_by_side(model, rows: int, repeats: int = 5) -> None:
-    """The head's argmax over `rows` hidden states with the weight reordered once and with plain
-    products, alternating, on the same inputs."""
+    """The head's argmax over `rows` hidden states, alternating on the same inputs: as decoding runs it,
+    with plain products (the weight not reordered), and with 65,536-row slices whose max and position
+    are taken at once (the way before 8,192-row slices and positions looked up only where a slice
+    raises a row's best)."""
     weight = model.get_output_embeddings().weight
     hidden = torch.randn(rows, weight.shape[1], dtype=weight.dtype, device=weight.device)
-    reordered, plain = GreedyHead(weight, rows), GreedyHead(weight, rows)
+    current, plain, wide = GreedyHead(weight, rows), GreedyHead(weight, rows), GreedyHead(weight, rows, 65536)
     plain.packed = False
-    plain.slices = [(first, weight[first : first + CHUNK_ROWS["cpu"]]) for first in range(0, weight.shape[0], CHUNK_ROWS["cpu"])]
-    heads = {"reordered once": reordered, "plain products": plain}
+    chunk = CHUNK_ROWS[weight.device.type]
+    plain.slices = [(first, weight[first : first + chunk]) for first in range(0, weight.shape[0], chunk)]
+    wide.select_rows = False
+    heads = {"as decoding runs it": current, "plain products": plain, "65,536-row slices, max with positions": wide}
     seconds, ids = collections.Counter(), {}
     for _ in range(repeats):
         for name, head in heads.items():
             start = time.perf_counter()
             ids[name] = head(hidden).tolist()
             seconds[name] += time.perf_counter() - start
-    print(f"the LM head's argmax, {rows} rows (weight reordered: {reordered.packed}): "
-          + ", ".join(f"{name} {seconds[name] / repeats * 1000:.1f} ms" for name in heads)
-          + f"; ratio {seconds['plain products'] / seconds['reordered once']:.2f}; "
-          f"same ids: {ids['plain products'] == ids['reordered once']}")
+    mine = seconds["as decoding runs it"]
+    print(f"the LM head's argmax, {rows} rows (weight reordered: {current.packed}): "
+          + ", ".join(f"{name} {seconds[name] / repeats * 1000:.1f} ms (x{seconds[name] / mine:.2f})" for name in heads)
+          + f"; same ids: {all(v == ids['as decoding runs it'] for v in ids.values())}")
+
+
+def compare_heads(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int | None) -> None:
+    """Whole decodes of the same prompts, alternating the head as it is and the wide-slice one (see
+    head_side_by_side), in one process: the host's speed drifts, so only neighbouring runs compare."""
+
+    class WideHead(GreedyHead):
+        def __init__(self, weight, rows=1, chunk_rows=None):
+            super().__init__(weight, rows, 65536)
+            self.select_rows = False
+
+    list(generate_answers(model, tokenizer, prompts[:2], 4, progress=False))  # warm-up
+    heads, seconds, texts = {"8,192-row slices": GreedyHead, "65,536-row slices": WideHead}, {}, {}
+    for name in ("8,192-row slices", "65,536-row slices", "8,192-row slices"):
+        decode.GreedyHead = heads[name]
+        start = time.perf_counter()
+        texts[name] = sorted((i, text) for i, text, _ in generate_answers(
+            model, tokenizer, prompts, max_new_tokens, batch_size, progress=False))
+        elapsed = time.perf_counter() - start
+        seconds.setdefault(name, []).append(elapsed)
+        print(f"{name}: {len(prompts)} problems in {elapsed:.1f} s, {len(prompts) / elapsed:.2f} problems/s", flush=True)
+    decode.GreedyHead = GreedyHead
+    new, old = sum(seconds["8,192-row slices"]) / 2, seconds["65,536-row slices"][0]
+    print(f"ratio (65,536-row time over the mean of the 8,192-row runs): {old / new:.2f}; "
+          f"same texts: {texts['8,192-row slices'] == texts['65,536-row slices']}")
 
 
 def step_profile(model, tokenizer, prompts: list[str], rows: int) -> None:
