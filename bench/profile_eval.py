@@ -5,7 +5,7 @@ time of each stage of mathtune.generation (the shared prefix, prefills of joinin
 steps and, inside them, the LM head's argmax; slot moves; the stop checks' text decoding), then a
 torch profile of one full decoding step split into matrix products, attention and the rest.
 
-    PYTHONPATH=src .venv/bin/python bench/profile_eval.py --n 256
+    MATHTUNE_DATA=../shared/data/gsm8k PYTHONPATH=src .venv/bin/python bench/profile_eval.py --n 256
 """
 
 from __future__ import annotations
@@ -45,13 +45,20 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=256)
     parser.add_argument("--shots", type=int, default=8)
     parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--max-new-tokens", type=int, help="default: the cpu-demo preset's (make bench-eval: 256)")
     parser.add_argument("--head-only", action="store_true", help="only the head's side-by-side")
     parser.add_argument("--compare-heads", action="store_true",
                         help="decode the N problems with the head as it is and with 65,536-row slices (max with "
                              "positions), alternating new, old, new, and print each run's time")
     args = parser.parse_args()
-    config = load_config("cpu-demo", [f"eval.limit={args.n}", f"eval.shots={args.shots}"])
-    problems, train = evaluation_problems(config, data_module.load_dataset(config.data))
+    overrides = [f"eval.limit={args.n}", f"eval.shots={args.shots}"]
+    if args.max_new_tokens:
+        overrides.append(f"eval.max_new_tokens={args.max_new_tokens}")
+    config = load_config("cpu-demo", overrides)
+    dataset = data_module.load_dataset(config.data)
+    if not dataset.is_gsm8k:
+        raise SystemExit("profile_eval measures GSM8K test problems: point MATHTUNE_DATA at the GSM8K files")
+    problems, train = evaluation_problems(config, dataset)
     examples = choose_fewshot_examples(train, args.shots, config.eval.seed)
     prompts = [fewshot_prompt(p["question"], examples) for p in problems]
     model, tokenizer = load_model(PACKAGED_GEMMA), load_tokenizer(PACKAGED_GEMMA)
