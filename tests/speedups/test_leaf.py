@@ -16,7 +16,7 @@ from mathtune import speedups
 from mathtune.models import TINY_RANDOM, load_model
 
 PACKAGE = Path(speedups.__file__).resolve().parent
-FLAG_NAMES = [field.name for field in dataclasses.fields(speedups.Flags)]
+FLAG_NAMES = [field.name for field in dataclasses.fields(speedups.Flags) if field.name not in speedups.GENERATION_ONLY]
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 

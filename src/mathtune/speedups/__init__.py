@@ -1,7 +1,7 @@
 """Speed-ups for LoRA training of causal LMs: each in a module of its own, applied from here only.
 
 This package imports nothing else from mathtune, and the rest of mathtune reaches it through the
-two functions below (as Liger-Kernel's `apply_liger_kernel_to_*` with a flag per kernel):
+three functions below (as Liger-Kernel's `apply_liger_kernel_to_*` with a flag per kernel):
 
 - `apply_process_settings()`: process-wide settings the libraries read once, at their first use,
   so it runs before any model loads (huge pages for large CPU tensors, bounded caches of
@@ -11,6 +11,8 @@ two functions below (as Liger-Kernel's `apply_liger_kernel_to_*` with a flag per
   and the gated MLP that draw its masks, compact frozen weights that their products read, and the
   norms. Each patch has a flag (`speedups.*` in the config), so any can be switched off to debug
   or to measure it; a patch that finds nothing to do leaves the model as it was.
+- `for_generation(model, flags)`: the context in which a training model generates (exact match
+  during training): on CPUs, LoRA merged into temporary weights (`merged_lora`).
 
 Where a patch runs is decided here too (`DEVICE_POLICY`): the CPU-only ones are those whose
 library counterparts are already fused kernels on GPUs.
@@ -28,7 +30,9 @@ if TYPE_CHECKING:  # torch loads with the first patch, not with the config that 
 
 # patches that run on CPUs only: on GPUs torch's dropout, PEFT's branch, the MLP and the norm are
 # already fused kernels, and the frozen weights are not memory-mapped files
-CPU_ONLY = ("uniform_dropout", "fused_lora", "gated_mlp", "compact_weights", "rms_norm")
+# merged_lora: on a GPU the merged copies would take as much memory as the targeted weights
+CPU_ONLY = ("uniform_dropout", "fused_lora", "gated_mlp", "compact_weights", "rms_norm", "merged_lora")
+GENERATION_ONLY = ("merged_lora",)  # flags read by for_generation, not patches that apply() makes
 
 
 @dataclass(frozen=True)
@@ -42,6 +46,7 @@ class Flags:
     gated_mlp: bool = True  # the gated MLP keeping its input only
     compact_weights: bool = True  # frozen memory-mapped weights as int8 blocks
     rms_norm: bool = True  # Gemma's RMS norm keeping its output only
+    merged_lora: bool = True  # generation during training from LoRA merged into temporary weights
 
 
 def apply_process_settings() -> None:
@@ -82,3 +87,17 @@ def apply(model: torch.nn.Module, flags: Flags = Flags(), head_original: torch.T
         "rms_norm": lambda: use_gemma_rms_norm(model),
     }
     return {name: int(patch()) for name, patch in patches.items() if wanted[name]}
+
+
+def for_generation(model: torch.nn.Module, flags: Flags = Flags()):
+    """The context in which `model`, a training model in eval mode, generates: on CPUs with the
+    merged_lora flag, its LoRA layers merged into temporary weights (mathtune.speedups.merged_lora);
+    otherwise the model as it is."""
+    from contextlib import nullcontext
+
+    from mathtune.speedups.merged_lora import merged_lora
+
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if flags.merged_lora and causal_lm.device.type == "cpu":
+        return merged_lora(model)
+    return nullcontext()

@@ -52,6 +52,7 @@ class MathTuneTrainer(SFTTrainer):
         head = causal_lm.get_output_embeddings()
         original = float32_original(causal_lm, head.weight) if head is not None else None
         self.speedups = speedups.apply(self.model, speedups_flags, head_original=original)
+        self.speedups_flags = speedups_flags
         self.loss_head = "loss_head" in self.speedups
         # What loading left free in the C heap (the tokenizer's parse, the weight checks) goes back now:
         # kept, its holes and the heap the steps add on top would both stay resident through training.
@@ -201,12 +202,13 @@ class MathTuneTrainer(SFTTrainer):
         mine = self.generation_problems[rank::world]
         protocol = self.eval_config.protocol
         start = time.perf_counter()
-        answers = evaluation.generate_answers(
-            self.model, self.processing_class, [format_prompt(p["question"]) for p in mine],
-            self.eval_config.max_new_tokens, self.eval_config.batch_size, progress=False,
-            stop_rule=STOP_RULES[protocol],
-        )
-        scored = [evaluation.score_record(mine[i], text, n_tokens, protocol) for i, text, n_tokens in answers]
+        with speedups.for_generation(self.model, self.speedups_flags):  # on CPUs: LoRA merged, as eval runs it
+            answers = evaluation.generate_answers(
+                self.model, self.processing_class, [format_prompt(p["question"]) for p in mine],
+                self.eval_config.max_new_tokens, self.eval_config.batch_size, progress=False,
+                stop_rule=STOP_RULES[protocol],
+            )
+            scored = [evaluation.score_record(mine[i], text, n_tokens, protocol) for i, text, n_tokens in answers]
         rows = [(r["correct_strict"], r["correct_flexible"]) for r in scored]
         seconds = time.perf_counter() - start
         if world > 1:
