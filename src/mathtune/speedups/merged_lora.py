@@ -13,6 +13,10 @@ checkpoint, and in 16 bits unmerging does not give the weight back. Here the mer
 tensors that live for the decoding only, and the layers' forwards are restored after it. The gated
 MLP's patched forward (mathtune.speedups.gated_mlp) calls the frozen products itself, so inside the
 context the MLP runs its class forward, through the merged layers.
+
+The copies take as much memory as the weights they merge (in the model's dtype), for as long as the
+decoding lasts: that is why this runs on CPUs only, and why `speedups.merged_lora: false` turns it off
+where that memory matters more than the time.
 """
 
 from __future__ import annotations
