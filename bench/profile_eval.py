@@ -99,6 +99,14 @@ def main() -> None:
     step_profile(model, tokenizer, prompts, args.batch_size or decode.SLOTS_CAP[model.device.type])
 
 
+class WideHead(GreedyHead):
+    """The head as it ran before 801470d: 65,536-row slices, each slice's max and position at once."""
+
+    def __init__(self, weight, rows=1, chunk_rows=None):
+        super().__init__(weight, rows, 65536)
+        self.select_rows = False
+
+
 def head_side_by_side(model, rows: int, repeats: int = 5) -> None:
     """The head's argmax over `rows` hidden states, alternating on the same inputs: as decoding runs it,
     with plain products (the weight not reordered), and with 65,536-row slices whose max and position
@@ -106,11 +114,10 @@ def head_side_by_side(model, rows: int, repeats: int = 5) -> None:
     raises a row's best)."""
     weight = model.get_output_embeddings().weight
     hidden = torch.randn(rows, weight.shape[1], dtype=weight.dtype, device=weight.device)
-    current, plain, wide = GreedyHead(weight, rows), GreedyHead(weight, rows), GreedyHead(weight, rows, 65536)
+    current, plain, wide = GreedyHead(weight, rows), GreedyHead(weight, rows), WideHead(weight, rows)
     plain.packed = False
     chunk = CHUNK_ROWS[weight.device.type]
     plain.slices = [(first, weight[first : first + chunk]) for first in range(0, weight.shape[0], chunk)]
-    wide.select_rows = False
     heads = {"as decoding runs it": current, "plain products": plain, "65,536-row slices, max with positions": wide}
     seconds, ids = collections.Counter(), {}
     for _ in range(repeats):
@@ -127,12 +134,6 @@ def head_side_by_side(model, rows: int, repeats: int = 5) -> None:
 def compare_heads(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int | None) -> None:
     """Whole decodes of the same prompts, alternating the head as it is and the wide-slice one (see
     head_side_by_side), in one process: the host's speed drifts, so only neighbouring runs compare."""
-
-    class WideHead(GreedyHead):
-        def __init__(self, weight, rows=1, chunk_rows=None):
-            super().__init__(weight, rows, 65536)
-            self.select_rows = False
-
     list(generate_answers(model, tokenizer, prompts[:2], 4, progress=False))  # warm-up
     heads, seconds, texts = {"8,192-row slices": GreedyHead, "65,536-row slices": WideHead}, {}, {}
     for name in ("8,192-row slices", "65,536-row slices", "8,192-row slices"):
