@@ -50,6 +50,10 @@ def main() -> None:
     parser.add_argument("--compare-heads", action="store_true",
                         help="decode the N problems with the head as it is and with 65,536-row slices (max with "
                              "positions), alternating new, old, new, and print each run's time")
+    parser.add_argument("--compare-bands", action="store_true",
+                        help="decode the N problems with rows in bands (each attending to its keys up to its own "
+                             "longest row) and as one band: one decoding step in three states, alternating, then whole "
+                             "decodes, bands, one band, bands")
     args = parser.parse_args()
     overrides = [f"eval.limit={args.n}", f"eval.shots={args.shots}"]
     if args.max_new_tokens:
@@ -68,14 +72,18 @@ def main() -> None:
     if args.compare_heads:
         compare_heads(model, tokenizer, prompts, config.eval.max_new_tokens, args.batch_size)
         return
+    if args.compare_bands:
+        bands_side_by_side(model, tokenizer, prompts, args.batch_size or decode.SLOTS_CAP[model.device.type])
+        compare_bands(model, tokenizer, prompts, config.eval.max_new_tokens, args.batch_size)
+        return
     list(generate_answers(model, tokenizer, prompts[:2], 4, progress=False))  # warm-up
 
     forward = decode._forward
 
-    def stage(model, kv, first, start, inputs, head=None):
+    def stage(model, kv, first, start, inputs, head=None, bands=None):
         name = ("shared prefix" if kv.prefix_len == 0 and len(kv.layers[0].k) == 1
                 else "prefill of joining problems" if max(map(len, inputs)) > 1 else "decoding steps")
-        return timed(name, forward)(model, kv, first, start, inputs, head)
+        return timed(name, forward)(model, kv, first, start, inputs, head, bands)
 
     decode._forward = stage
     decode.GreedyHead.__call__ = timed("  of which the LM head's argmax", decode.GreedyHead.__call__)
@@ -148,6 +156,99 @@ def compare_heads(model, tokenizer, prompts: list[str], max_new_tokens: int, bat
     new, old = sum(seconds["8,192-row slices"]) / 2, seconds["65,536-row slices"][0]
     print(f"ratio (65,536-row time over the mean of the 8,192-row runs): {old / new:.2f}; "
           f"same texts: {texts['8,192-row slices'] == texts['65,536-row slices']}")
+
+
+def bands_side_by_side(model, tokenizer, prompts: list[str], rows: int, repeats: int = 6) -> None:
+    """One decoding step with the rows in bands and as one band, alternating `repeats` times on the same
+    cache, in three states: the N problems all started together (as `make bench-eval`'s 200 do), 50 and
+    150 tokens in; and a full batch in steady state, where groups of rows that joined 30 steps apart
+    share the slots (as on the whole test set). Prints the keys read per layer, the median step and its
+    own-keys attention, and the ratios."""
+    import random
+    import statistics
+
+    from mathtune.generation import shared_prefix
+    from mathtune.generation.shared_prefix import SlotKV
+
+    ids = tokenizer(prompts)["input_ids"]
+    prefix_len = decode.common_prefix_length(ids)
+    lengths = sorted(len(x) - prefix_len for x in ids)
+    together = lengths[:rows]
+    states = {f"{len(together)} rows started together, {t} tokens in":
+              ([n + t for n in together], decode.split_bands(together, decode.BAND_OVERHEAD)) for t in (50, 150)}
+    sampler, starts, sizes = random.Random(0), [], []
+    groups = max(1, rows // 32)
+    for group in range(groups):  # the oldest group first, as decoding keeps them
+        joined = sorted(sampler.sample(lengths, min(32, len(lengths))))
+        starts += [n + 30 * (groups - 1 - group) for n in joined]
+        sizes += decode.split_bands(joined, decode.BAND_OVERHEAD)
+    ends = [sum(sizes[: k + 1]) for k in range(len(sizes))]
+    longest = [max(starts[end - size : end]) for size, end in zip(sizes, ends)]
+    states[f"{len(starts)} rows in steady state"] = (starts, decode.merge_bands(sizes, longest, decode.BAND_OVERHEAD))
+
+    own_seconds = [0.0]
+    attend = shared_prefix._attend
+    groups = model.config.num_attention_heads // model.config.num_key_value_heads  # queries a row, a step
+
+    def timed_attend(query, key, value, mask, scale, softcap=None):
+        start = time.perf_counter()
+        result = attend(query, key, value, mask, scale, softcap)
+        if query.shape[2] == groups:  # a band's rows' own keys (the prefix's call holds every row's queries)
+            own_seconds[0] += time.perf_counter() - start
+        return result
+
+    shared_prefix._attend = timed_attend
+    try:
+        with torch.inference_mode(), decode.shared_prefix_attention(model):
+            prefix = SlotKV.empty(model.config, 1, prefix_len, model.dtype, model.device)
+            decode._forward(model, prefix, 0, [0], [ids[0][:prefix_len]])
+            for name, (starts, sizes) in states.items():
+                n = len(starts)
+                kv = SlotKV.empty(model.config, n, max(starts) + 2, model.dtype, model.device,
+                                  prefix=prefix, prefix_len=prefix_len)
+                head = decode.GreedyHead(model.get_output_embeddings().weight, n)
+                steps, owns = collections.defaultdict(list), collections.defaultdict(list)
+                for _ in range(repeats):
+                    for label, bands in (("bands", sizes), ("one band", None)):
+                        own_seconds[0] = 0.0
+                        start = time.perf_counter()
+                        decode._forward(model, kv, 0, starts, [[100]] * n, head, bands)
+                        steps[label].append(time.perf_counter() - start)
+                        owns[label].append(own_seconds[0])
+                step = {label: statistics.median(v) * 1000 for label, v in steps.items()}
+                own = {label: statistics.median(v) * 1000 for label, v in owns.items()}
+                ends = [sum(sizes[: k + 1]) for k in range(len(sizes))]
+                keys = sum(size * (max(starts[end - size : end]) + 1) for size, end in zip(sizes, ends))
+                print(f"{name}, {len(sizes)} bands: keys read per layer {keys} against {n * (max(starts) + 1)} "
+                      f"(x{n * (max(starts) + 1) / keys:.2f}); own-keys attention {own['bands']:.1f} ms against "
+                      f"{own['one band']:.1f} (x{own['one band'] / own['bands']:.2f}); step {step['bands']:.1f} ms "
+                      f"against {step['one band']:.1f} (x{step['one band'] / step['bands']:.2f})", flush=True)
+    finally:
+        shared_prefix._attend = attend
+
+
+def compare_bands(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int | None) -> None:
+    """Whole decodes of the same prompts, alternating rows in bands (decode.BAND_OVERHEAD as it is) and
+    all rows in one band (an overhead no saving beats), in one process, as compare_heads. In bfloat16
+    the two can round a near-tie differently, so texts, and the tokens generated, may differ a little:
+    tokens/s is printed beside problems/s."""
+    list(generate_answers(model, tokenizer, prompts[:2], 4, progress=False))  # warm-up
+    overheads, seconds, texts = {"bands": decode.BAND_OVERHEAD, "one band": 1 << 62}, {}, {}
+    for name in ("bands", "one band", "bands"):
+        decode.BAND_OVERHEAD = overheads[name]
+        start, generated = time.perf_counter(), 0
+        for i, text, n_tokens in generate_answers(model, tokenizer, prompts, max_new_tokens, batch_size,
+                                                  progress=False):
+            texts.setdefault(name, {})[i] = text
+            generated += n_tokens
+        elapsed = time.perf_counter() - start
+        seconds.setdefault(name, []).append(elapsed)
+        print(f"{name}: {len(prompts)} problems in {elapsed:.1f} s, {len(prompts) / elapsed:.2f} problems/s, "
+              f"{generated / elapsed:.1f} generated tokens/s", flush=True)
+    decode.BAND_OVERHEAD = overheads["bands"]
+    new, old = sum(seconds["bands"]) / 2, seconds["one band"][0]
+    print(f"ratio (one band's time over the mean of the runs in bands): {old / new:.2f}; "
+          f"same texts: {sum(texts['bands'][i] == texts['one band'][i] for i in texts['bands'])}/{len(prompts)}")
 
 
 def step_profile(model, tokenizer, prompts: list[str], rows: int) -> None:

@@ -14,7 +14,9 @@ from transformers import (
 )
 
 from mathtune.generation import decode, greedy_decode
-from mathtune.generation.decode import choose_slots, common_prefix_length
+from mathtune.generation.decode import (
+    choose_slots, common_prefix_length, compaction, merge_bands, runs, split_bands,
+)
 
 EOS = 1
 WINDOW = 8
@@ -65,6 +67,25 @@ def test_equals_generate_one_at_a_time(prefix_len, slots):
     assert len({len(ids) for ids in got.values()}) > 2  # rows stopped at different steps
 
 
+def test_rows_in_many_bands_equal_generate(monkeypatch):
+    """No overhead for a band: every length its own band, rows joining, leaving and moving between slots."""
+    monkeypatch.setattr(decode, "BAND_OVERHEAD", 0)
+    seen_bands = []
+    forward = decode._forward
+
+    def spy(model, kv, first, start, inputs, head=None, bands=None):
+        seen_bands.append(len(bands or [1]))
+        return forward(model, kv, first, start, inputs, head, bands)
+
+    monkeypatch.setattr(decode, "_forward", spy)
+    model = gemma()
+    batch = prompts(12, 30, seed=5)
+    got = dict(greedy_decode(model, batch, max_new_tokens=20, stop_ids={EOS}, finished=stops_at_multiple_of_7,
+                             slots=6))
+    assert got == {i: one_at_a_time(model, ids, 20, stops_at_multiple_of_7) for i, ids in enumerate(batch)}
+    assert max(seen_bands) >= 3
+
+
 def test_generations_longer_than_the_window_equal_generate():
     """No stop pattern: every row decodes 24 tokens, three windows past its prompt."""
     model = gemma(seed=3)
@@ -82,11 +103,11 @@ def test_a_finished_row_hands_its_slot_to_a_waiting_prompt(monkeypatch):
     widths, joined = [], []
     forward = decode._forward
 
-    def spy(model, kv, first, start, inputs, head=None):
+    def spy(model, kv, first, start, inputs, head=None, bands=None):
         widths.append(first + len(inputs))
         if len(kv.layers[0].k) == 3 and not any(start):
             joined.append(first)  # a prefill into slots after `first` live rows
-        return forward(model, kv, first, start, inputs, head)
+        return forward(model, kv, first, start, inputs, head, bands)
 
     monkeypatch.setattr(decode, "_forward", spy)
     list(greedy_decode(model, prompts(9, 30), max_new_tokens=20, stop_ids={EOS}, finished=stops_at_multiple_of_7,
@@ -161,3 +182,74 @@ def test_choose_slots_takes_the_smallest_limit():
     assert choose_slots(5, 1 << 20, cpu, free_bytes=64 << 30) == 5
     assert choose_slots(1000, 1 << 30, cpu, free_bytes=8 << 30) == 2  # a quarter of 8 GiB holds 2 rows of 1 GiB
     assert choose_slots(1000, 1 << 40, cpu, free_bytes=8 << 30) == 1
+
+
+def _cost(lengths, sizes, overhead):
+    total, begin = 0, 0
+    for size in sizes:
+        total += size * max(lengths[begin : begin + size]) + overhead
+        begin += size
+    return total
+
+
+def _compositions(n):
+    if n == 0:
+        yield []
+    for first in range(1, n + 1):
+        for rest in _compositions(n - first):
+            yield [first] + rest
+
+
+@pytest.mark.parametrize("lengths, overhead, expected", [
+    ([1, 1, 1, 100, 100], 10, [3, 2]),  # 3*1 + 2*100 + 2*10 = 223 < 5*100 + 10
+    ([1, 1, 1, 100, 100], 1000, [5]),
+    ([1, 2, 3], 0, [1, 1, 1]),
+    ([7], 5, [1]),
+])
+def test_split_bands(lengths, overhead, expected):
+    assert split_bands(lengths, overhead) == expected
+
+
+def test_split_bands_is_the_cheapest_split():
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(30):
+        lengths = torch.randint(1, 60, (7,), generator=generator).tolist()
+        overhead = int(torch.randint(0, 80, (1,), generator=generator))
+        sizes = split_bands(lengths, overhead)
+        assert sum(sizes) == len(lengths)
+        assert _cost(lengths, sizes, overhead) == min(_cost(lengths, c, overhead) for c in _compositions(7))
+
+
+@pytest.mark.parametrize("sizes, longest, overhead, expected", [
+    ([10, 1], [100, 95], 10, [11]),  # one row reads 5 more keys: cheaper than a call
+    ([10, 10], [100, 95], 10, [10, 10]),  # ten rows read 5 more: not
+    ([1, 1, 1], [5, 6, 7], 3, [3]),  # merged twice: 1 + 0, then 2*1 + 0
+    ([4, 4], [9, 9], 0, [4, 4]),  # no saving: no merge
+])
+def test_merge_bands(sizes, longest, overhead, expected):
+    assert merge_bands(sizes, longest, overhead) == expected
+
+
+def test_runs():
+    assert runs([3, 3, 5, 5, 5, 3]) == [2, 3, 1]
+    assert runs([]) == []
+
+
+def test_compaction_moves_one_row_per_band_after_the_hole():
+    order = compaction([0, 0, 0, 1, 1, 2, 2], {1})
+    assert order == [0, 2, 4, 3, 6, 5]
+    assert sum(source != target for target, source in enumerate(order)) == 3
+
+
+def test_compaction_keeps_bands_contiguous_and_in_order():
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(50):
+        sizes = torch.randint(1, 5, (4,), generator=generator).tolist()
+        labels = [band for band, size in enumerate(sizes) for _ in range(size)]
+        stopped = {p for p in range(len(labels)) if torch.rand(1, generator=generator) < 0.4}
+        order = compaction(labels, stopped)
+        assert sorted(order) == [p for p in range(len(labels)) if p not in stopped]
+        new_labels = [labels[p] for p in order]
+        assert new_labels == sorted(new_labels)  # each band one run, bands in their old order
+        first_stop = min(stopped, default=len(labels))
+        assert all(source == target for target, source in enumerate(order) if target < first_stop)

@@ -6,6 +6,13 @@ waiting prompts are prefilled a group at a time, attending to the prefix all pro
 (shared_prefix), and join the decoding batch. Live rows always fill the first slots, so a step
 reads its rows' keys as one slice: when a row stops, the last live row moves into its slot.
 
+Rows are kept in bands: consecutive slots whose rows are of similar length (they joined together,
+and their prompts are close in length). Attending to a row's own keys is bound by reading them, and
+each band reads its keys only up to its own longest row, not the batch's: with rows that joined at
+different steps the batch's longest row is often twice the average. A band costs one attention call
+per layer, so bands are split and merged where that saves more reading than the call costs
+(BAND_OVERHEAD). Filling a stopped row's slot keeps every band contiguous.
+
 A row stops on an end-of-sequence id, at max_new_tokens, or when `finished(generated_ids)` says
 so; that check (which decodes the row's text) runs only after a token in `triggers`, the tokens
 whose text can complete a stop pattern, not after every token.
@@ -27,6 +34,7 @@ from mathtune.generation.shared_prefix import NAME, SlotKV, Step, UnsupportedMod
 PREFILL_TOKENS = 4096  # padded prompt tokens per prefill call: bounds its attention scores' memory
 SLOTS_CAP = {"cpu": 256, "cuda": 512}  # rows a step; more share the head's weight read, with less gain (bench/RESULTS.md)
 MEMORY_SHARE = 0.25  # the share of free memory the slots' KV cache may take
+BAND_OVERHEAD = 512  # an attention call per band costs about as much as reading this many cached tokens
 
 
 @dataclass
@@ -34,6 +42,7 @@ class Row:
     index: int  # the prompt's position in the caller's list
     own: list[int]  # the prompt's tokens after the shared prefix
     generated: list[int] = field(default_factory=list)
+    band: int = 0  # rows of one band sit in consecutive slots
 
     @property
     def cached(self) -> int:
@@ -49,6 +58,69 @@ def common_prefix_length(token_lists: list[list[int]]) -> int:
         if any(ids[position] != first[position] for ids in token_lists):
             return position
     return shortest - 1
+
+
+def split_bands(lengths: list[int], overhead: int) -> list[int]:
+    """Sizes of consecutive groups of `lengths` that minimise the keys read, sum(size x longest), plus
+    `overhead` per group (each group is one attention call). Exact, by dynamic programming over the
+    group boundaries (quadratic: a few hundred rows join at most)."""
+    n = len(lengths)
+    best, cut = [0] + [float("inf")] * n, [0] * (n + 1)
+    for end in range(1, n + 1):
+        longest = 0
+        for begin in range(end - 1, -1, -1):
+            longest = max(longest, lengths[begin])
+            cost = best[begin] + (end - begin) * longest + overhead
+            if cost < best[end]:
+                best[end], cut[end] = cost, begin
+    sizes, end = [], n
+    while end:
+        sizes.append(end - cut[end])
+        end = cut[end]
+    return sizes[::-1]
+
+
+def merge_bands(sizes: list[int], longest: list[int], overhead: int) -> list[int]:
+    """Sizes after joining neighbouring bands wherever the extra keys read, sizes[i] x (new longest -
+    longest[i]) summed over both, cost less than `overhead` (the call saved)."""
+    merged: list[list[int]] = []
+    for size, width in zip(sizes, longest):
+        if merged:
+            last_size, last_width = merged[-1]
+            top = max(width, last_width)
+            if last_size * (top - last_width) + size * (top - width) < overhead:
+                merged[-1] = [last_size + size, top]
+                continue
+        merged.append([size, width])
+    return [size for size, _ in merged]
+
+
+def runs(labels: list[int]) -> list[int]:
+    """Lengths of the runs of equal consecutive labels."""
+    sizes: list[int] = []
+    for position, label in enumerate(labels):
+        if position and label == labels[position - 1]:
+            sizes[-1] += 1
+        else:
+            sizes.append(1)
+    return sizes
+
+
+def compaction(labels: list[int], stopped: set[int]) -> list[int]:
+    """The slots' new order after the `stopped` positions leave: new slot i holds the row of old slot
+    order[i]. Every band (a run of equal labels) stays one run, in the same order; within a band, rows
+    already inside its new range stay put and the others fill its free slots (about one move per band
+    after the first stopped row, instead of shifting every row)."""
+    order: list[int] = []
+    begin = 0
+    for size in runs(labels):
+        rows = [p for p in range(begin, begin + size) if p not in stopped]
+        low, high = len(order), len(order) + len(rows)
+        placed = {p: p for p in rows if low <= p < high}
+        movers = iter(p for p in rows if p not in placed)
+        order += [placed[i] if i in placed else next(movers) for i in range(low, high)]
+        begin += size
+    return order
 
 
 def kv_bytes_per_token(config, dtype: torch.dtype) -> int:
@@ -88,14 +160,15 @@ def shared_prefix_attention(model):
 
 
 @torch.inference_mode()
-def _forward(model, kv: SlotKV, first: int, start: list[int], inputs: list[list[int]], head=None) -> list[int]:
+def _forward(model, kv: SlotKV, first: int, start: list[int], inputs: list[list[int]], head=None,
+             bands: list[int] | None = None) -> list[int]:
     """Runs slots first..first+len(inputs)-1 on their new tokens, after the `start` tokens each already
     holds; returns each row's next token (head: a GreedyHead over the model's head weight, None to
-    call the model's own head)."""
+    call the model's own head; bands: the rows' band sizes, None for one band)."""
     device = kv.layers[0].k.device
     length = max(len(ids) for ids in inputs)
     ids = torch.tensor([ids + [0] * (length - len(ids)) for ids in inputs], device=device)
-    step = Step(kv, first, torch.tensor(start, device=device), length)
+    step = Step(kv, first, start, length, bands)
     hidden = model.get_decoder()(
         input_ids=ids, position_ids=step.positions(), use_cache=False, mathtune_step=step,
     ).last_hidden_state
@@ -152,11 +225,13 @@ def greedy_decode(
                     first = len(live) + len(tokens)
                     tokens += _forward(model, kv, first, [0] * len(group), [row.own for row in group], head)
                 rows, first = joining, len(live)
-                live += joining
+                _label_bands(joining, max((row.band for row in live), default=-1) + 1)
+                live = _merge(live + joining)
             else:
                 rows, first = live, 0
                 inputs = [row.generated[-1:] for row in live]
-                tokens = _forward(model, kv, 0, [row.cached for row in live], inputs, head)
+                bands = runs([row.band for row in live])
+                tokens = _forward(model, kv, 0, [row.cached for row in live], inputs, head, bands)
             done = []
             for position, (row, token) in enumerate(zip(rows, tokens), start=first):
                 row.generated.append(token)
@@ -181,15 +256,36 @@ def _prefill_groups(rows: list[Row]) -> Iterator[list[Row]]:
         yield group
 
 
+def _label_bands(rows: list[Row], label: int) -> None:
+    """Puts joining rows into new bands, labelled from `label` on, as split_bands groups their prompts."""
+    begin = 0
+    for size in split_bands([len(row.own) for row in rows], BAND_OVERHEAD):
+        for row in rows[begin : begin + size]:
+            row.band = label
+        begin, label = begin + size, label + 1
+
+
 def _close_holes(kv: SlotKV, live: list[Row], done: list[int]) -> list[Row]:
-    """Drops the stopped rows; the last live rows move into their slots so that the live ones stay first."""
-    stopped = set(done)
-    keep = len(live) - len(stopped)
-    holes = [p for p in done if p < keep]
-    movers = [p for p in range(keep, len(live)) if p not in stopped]
-    if holes:
-        kv.move_slots(movers, holes, max(live[p].cached for p in movers) + 1)
-    rows = list(live)
-    for hole, mover in zip(holes, movers):
-        rows[hole] = live[mover]
-    return rows[:keep]
+    """Drops the stopped rows; other rows move into their slots so that the live ones stay first and
+    every band stays in consecutive slots (compaction)."""
+    order = compaction([row.band for row in live], set(done))
+    moves = [(source, target) for target, source in enumerate(order) if source != target]
+    if moves:
+        sources, targets = zip(*moves)
+        kv.move_slots(list(sources), list(targets), max(live[p].cached for p in sources) + 1)
+    return _merge([live[p] for p in order])
+
+
+def _merge(live: list[Row]) -> list[Row]:
+    """Relabels neighbouring bands as one where merge_bands says reading a little more is cheaper."""
+    sizes = runs([row.band for row in live])
+    begin, longest = 0, []
+    for size in sizes:
+        longest.append(max(row.cached for row in live[begin : begin + size]))
+        begin += size
+    begin = 0
+    for size in merge_bands(sizes, longest, BAND_OVERHEAD):
+        for row in live[begin : begin + size]:
+            row.band = live[begin].band
+        begin += size
+    return live

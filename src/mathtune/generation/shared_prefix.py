@@ -99,44 +99,72 @@ def layer_window(config, index: int) -> int | None:
 @dataclass
 class Step:
     """One forward call: rows first..first+b-1 of the cache, each given L new tokens (right-padded)
-    after its `start` tokens of its own."""
+    after its `start` tokens of its own.
+
+    bands: the rows split into consecutive groups (their sizes), each attending to its own keys up to
+    its longest row only; None: one group. A cache's rows differ in length (questions of different
+    lengths, rows that joined at different steps), and the shorter rows' unused key positions would
+    otherwise be read at every step: attending to a row's own keys is bound by reading them.
+    """
 
     kv: SlotKV
     first: int
-    start: torch.Tensor  # [b] long: each row's own tokens already in the cache
+    start: list[int]  # each row's own tokens already in the cache
     length: int  # L
+    bands: list[int] | None = None
     calls: int = 0  # layers that ran through this attention (a check that the model uses it)
-    width: int = field(init=False)  # the rows' own keys a query can see, at most: max(start) + L
+    starts: torch.Tensor = field(init=False)  # start, on the cache's device
+    spans: list[tuple[int, int, int]] = field(init=False)  # each band's (first row, rows, keys it reads: max start + L)
     _masks: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.width = int(self.start.max()) + self.length
+        self.starts = torch.tensor(self.start, device=self.kv.layers[0].k.device)
+        self.spans, offset = [], 0
+        for count in self.bands or [len(self.start)]:
+            self.spans.append((offset, count, max(self.start[offset : offset + count]) + self.length))
+            offset += count
+        if offset != len(self.start):
+            raise ValueError(f"bands {self.bands} do not cover the step's {len(self.start)} rows")
 
     def positions(self) -> torch.Tensor:
         """[b, L] absolute positions of the new tokens (their RoPE positions)."""
-        offsets = torch.arange(self.length, device=self.start.device)
-        return self.kv.prefix_len + self.start[:, None] + offsets
+        offsets = torch.arange(self.length, device=self.starts.device)
+        return self.kv.prefix_len + self.starts[:, None] + offsets
 
-    def masks(self, layer: LayerKV, groups: int, dtype: torch.dtype) -> tuple:
-        """Additive masks (0: attend, -inf: not) over the layer's prefix keys ([1, 1, b*g*L, P_l], None when
-        every query sees all of them) and over the rows' own keys ([b, 1, g*L, width]), and which queries see
-        no prefix key at all ([b, 1, g*L] bool, None when there are none); built once per step and window."""
-        key = (layer.window, layer.prefix_start, layer.prefix_k.shape[1], groups, dtype)
+    def _queries(self, groups: int) -> torch.Tensor:
+        """[b, g*L, 1] each query's position among its row's own tokens (each kv head's g query heads in turn)."""
+        device = self.starts.device
+        return (self.starts[:, None] + torch.arange(self.length, device=device)).repeat(1, groups)[:, :, None]
+
+    def prefix_mask(self, layer: LayerKV, groups: int, dtype: torch.dtype) -> tuple:
+        """The additive mask (0: attend, -inf: not) over the layer's prefix keys ([1, 1, b*g*L, P_l], None
+        when every query sees all of them) and which queries see no prefix key at all ([b, 1, g*L] bool,
+        None when there are none); built once per step and window."""
+        key = ("prefix", layer.window, layer.prefix_start, layer.prefix_k.shape[1], groups, dtype)
         if key not in self._masks:
-            device = self.start.device
-            query = (self.start[:, None] + torch.arange(self.length, device=device)).repeat(1, groups)[:, :, None]
-            own = torch.arange(self.width, device=device)
-            seen = own <= query
             prefix_mask = blind = None
-            if layer.window is not None:  # a key is seen while query - key < window
-                seen &= own > query - layer.window
             if layer.window is not None and layer.prefix_k.shape[1]:
-                prefix = layer.prefix_start + torch.arange(layer.prefix_k.shape[1], device=device)
+                query = self._queries(groups)
+                prefix = layer.prefix_start + torch.arange(layer.prefix_k.shape[1], device=query.device)
                 seen_prefix = prefix > self.kv.prefix_len + query - layer.window
                 prefix_mask = _additive(seen_prefix, dtype).reshape(1, 1, -1, seen_prefix.shape[-1])
                 blind = ~seen_prefix.any(-1)[:, None]
                 blind = blind if blind.any() else None
-            self._masks[key] = (prefix_mask, _additive(seen, dtype)[:, None], blind)
+            self._masks[key] = (prefix_mask, blind)
+        return self._masks[key]
+
+    def own_mask(self, layer: LayerKV, band: int, groups: int, dtype: torch.dtype) -> torch.Tensor:
+        """The additive mask over band `band`'s own keys ([rows, 1, g*L, width]); built once per step,
+        window and band."""
+        key = ("own", layer.window, band, groups, dtype)
+        if key not in self._masks:
+            offset, count, width = self.spans[band]
+            query = self._queries(groups)[offset : offset + count]
+            own = torch.arange(width, device=query.device)
+            seen = own <= query
+            if layer.window is not None:  # a key is seen while query - key < window
+                seen &= own > query - layer.window
+            self._masks[key] = _additive(seen, dtype)[:, None]
         return self._masks[key]
 
 
@@ -175,17 +203,24 @@ def shared_prefix_attention(module, query, key, value, attention_mask=None, scal
     groups = heads // kv_heads
     rows = slice(step.first, step.first + batch)
 
-    columns = step.start[:, None] + torch.arange(length, device=query.device)  # [b, L]
+    columns = step.starts[:, None] + torch.arange(length, device=query.device)  # [b, L]
     batch_index = torch.arange(batch, device=query.device)[:, None]
     layer.k[rows][batch_index, :, columns] = key.transpose(1, 2)
     layer.v[rows][batch_index, :, columns] = value.transpose(1, 2)
 
     scale = module.scaling if scaling is None else scaling
-    prefix_mask, own_mask, blind = step.masks(layer, groups, query.dtype)
     q = query.reshape(batch, kv_heads, groups * length, dim)  # each kv head's query heads as more queries
-    out, lse = _attend(q, layer.k[rows, :, : step.width], layer.v[rows, :, : step.width], own_mask, scale, softcap)
+    outs, lses = [], []
+    for band, (offset, count, width) in enumerate(step.spans):
+        band_rows = slice(step.first + offset, step.first + offset + count)
+        out, lse = _attend(q[offset : offset + count], layer.k[band_rows, :, :width], layer.v[band_rows, :, :width],
+                           step.own_mask(layer, band, groups, query.dtype), scale, softcap)
+        outs.append(out)
+        lses.append(lse)
+    out, lse = (outs[0], lses[0]) if len(outs) == 1 else (torch.cat(outs), torch.cat(lses))
     prefix_len = layer.prefix_k.shape[1]
     if prefix_len:
+        prefix_mask, blind = step.prefix_mask(layer, groups, query.dtype)
         q_all = q.transpose(0, 1).reshape(1, kv_heads, batch * groups * length, dim)  # all rows share these keys
         out_p, lse_p = _attend(q_all, layer.prefix_k[None], layer.prefix_v[None], prefix_mask, scale, softcap)
         out_p = out_p.view(kv_heads, batch, groups * length, dim).transpose(0, 1)
