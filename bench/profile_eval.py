@@ -174,17 +174,18 @@ def bands_side_by_side(model, tokenizer, prompts: list[str], rows: int, repeats:
     prefix_len = decode.common_prefix_length(ids)
     lengths = sorted(len(x) - prefix_len for x in ids)
     together = lengths[:rows]
+    overhead = decode.BAND_OVERHEAD[model.device.type]
     states = {f"{len(together)} rows started together, {t} tokens in":
-              ([n + t for n in together], decode.split_bands(together, decode.BAND_OVERHEAD)) for t in (50, 150)}
+              ([n + t for n in together], decode.split_bands(together, overhead)) for t in (50, 150)}
     sampler, starts, sizes = random.Random(0), [], []
     groups = max(1, rows // 32)
     for group in range(groups):  # the oldest group first, as decoding keeps them
         joined = sorted(sampler.sample(lengths, min(32, len(lengths))))
         starts += [n + 30 * (groups - 1 - group) for n in joined]
-        sizes += decode.split_bands(joined, decode.BAND_OVERHEAD)
+        sizes += decode.split_bands(joined, overhead)
     ends = [sum(sizes[: k + 1]) for k in range(len(sizes))]
     longest = [max(starts[end - size : end]) for size, end in zip(sizes, ends)]
-    states[f"{len(starts)} rows in steady state"] = (starts, decode.merge_bands(sizes, longest, decode.BAND_OVERHEAD))
+    states[f"{len(starts)} rows in steady state"] = (starts, decode.merge_bands(sizes, longest, overhead))
 
     own_seconds = [0.0]
     attend = shared_prefix._attend
@@ -233,7 +234,8 @@ def compare_bands(model, tokenizer, prompts: list[str], max_new_tokens: int, bat
     the two can round a near-tie differently, so texts, and the tokens generated, may differ a little:
     tokens/s is printed beside problems/s."""
     list(generate_answers(model, tokenizer, prompts[:2], 4, progress=False))  # warm-up
-    overheads, seconds, texts = {"bands": decode.BAND_OVERHEAD, "one band": 1 << 62}, {}, {}
+    bands = dict(decode.BAND_OVERHEAD)
+    overheads, seconds, texts = {"bands": bands, "one band": {}}, {}, {}  # a device not named: one band
     for name in ("bands", "one band", "bands"):
         decode.BAND_OVERHEAD = overheads[name]
         start, generated = time.perf_counter(), 0
@@ -245,7 +247,7 @@ def compare_bands(model, tokenizer, prompts: list[str], max_new_tokens: int, bat
         seconds.setdefault(name, []).append(elapsed)
         print(f"{name}: {len(prompts)} problems in {elapsed:.1f} s, {len(prompts) / elapsed:.2f} problems/s, "
               f"{generated / elapsed:.1f} generated tokens/s", flush=True)
-    decode.BAND_OVERHEAD = overheads["bands"]
+    decode.BAND_OVERHEAD = bands
     new, old = sum(seconds["bands"]) / 2, seconds["one band"][0]
     print(f"ratio (one band's time over the mean of the runs in bands): {old / new:.2f}; "
           f"same texts: {sum(texts['bands'][i] == texts['one band'][i] for i in texts['bands'])}/{len(prompts)}")

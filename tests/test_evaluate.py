@@ -84,7 +84,8 @@ def test_batched_generation_equals_one_at_a_time_generate(tiny, monkeypatch, rul
     monkeypatch.setattr(model.generation_config, "eos_token_id", stop_ids)
     dropped = []
     close = decode._close_holes
-    monkeypatch.setattr(decode, "_close_holes", lambda kv, live, done: (dropped.append(len(done)), close(kv, live, done))[1])
+    monkeypatch.setattr(decode, "_close_holes",
+                        lambda kv, live, done, *rest: (dropped.append(len(done)), close(kv, live, done, *rest))[1])
     lengths = assert_batched_equals_generate(model, tokenizer, rule=rule)
     assert min(lengths) < 30 and len(set(lengths)) > 2  # rows really stopped at different steps
     assert dropped  # and finished rows left the batch

@@ -69,7 +69,7 @@ def test_equals_generate_one_at_a_time(prefix_len, slots):
 
 def test_rows_in_many_bands_equal_generate(monkeypatch):
     """No overhead for a band: every length its own band, rows joining, leaving and moving between slots."""
-    monkeypatch.setattr(decode, "BAND_OVERHEAD", 0)
+    monkeypatch.setattr(decode, "BAND_OVERHEAD", {"cpu": 0})
     seen_bands = []
     forward = decode._forward
 
@@ -84,6 +84,21 @@ def test_rows_in_many_bands_equal_generate(monkeypatch):
                              slots=6))
     assert got == {i: one_at_a_time(model, ids, 20, stops_at_multiple_of_7) for i, ids in enumerate(batch)}
     assert max(seen_bands) >= 3
+
+
+def test_a_device_without_a_band_overhead_keeps_one_band(monkeypatch):
+    monkeypatch.setattr(decode, "BAND_OVERHEAD", {})  # as on a GPU
+    seen_bands = []
+    forward = decode._forward
+
+    def spy(model, kv, first, start, inputs, head=None, bands=None):
+        seen_bands.append(len(bands or [1]))
+        return forward(model, kv, first, start, inputs, head, bands)
+
+    monkeypatch.setattr(decode, "_forward", spy)
+    list(greedy_decode(gemma(), prompts(12, 30, seed=5), max_new_tokens=20, stop_ids={EOS},
+                       finished=stops_at_multiple_of_7, slots=6))
+    assert seen_bands and set(seen_bands) == {1}
 
 
 def test_generations_longer_than_the_window_equal_generate():

@@ -11,7 +11,8 @@ and their prompts are close in length). Attending to a row's own keys is bound b
 each band reads its keys only up to its own longest row, not the batch's: with rows that joined at
 different steps the batch's longest row is often twice the average. A band costs one attention call
 per layer, so bands are split and merged where that saves more reading than the call costs
-(BAND_OVERHEAD). Filling a stopped row's slot keeps every band contiguous.
+(BAND_OVERHEAD; on CPUs, where attending to a row's keys is a large share of a step). Filling a
+stopped row's slot keeps every band contiguous.
 
 A row stops on an end-of-sequence id, at max_new_tokens, or when `finished(generated_ids)` says
 so; that check (which decodes the row's text) runs only after a token in `triggers`, the tokens
@@ -34,7 +35,10 @@ from mathtune.generation.shared_prefix import NAME, SlotKV, Step, UnsupportedMod
 PREFILL_TOKENS = 4096  # padded prompt tokens per prefill call: bounds its attention scores' memory
 SLOTS_CAP = {"cpu": 256, "cuda": 512}  # rows a step; more share the head's weight read, with less gain (bench/RESULTS.md)
 MEMORY_SHARE = 0.25  # the share of free memory the slots' KV cache may take
-BAND_OVERHEAD = 512  # an attention call per band costs about as much as reading this many cached tokens
+# An attention call per band costs about as much as reading this many cached tokens (bench/RESULTS.md).
+# A device not named keeps one band: a GPU reads keys fast and pays for every extra kernel launch.
+BAND_OVERHEAD = {"cpu": 512}
+ONE_BAND = 1 << 62  # an overhead no band's saving beats
 
 
 @dataclass
@@ -208,6 +212,7 @@ def greedy_decode(
     refill_at = max(1, slots // 8)  # free slots that make a prefill call worth its overhead
     weight = plain_head(model)
     head = GreedyHead(weight, slots) if weight is not None else None
+    overhead = BAND_OVERHEAD.get(device.type, ONE_BAND)
 
     with shared_prefix_attention(model):
         prefix = None
@@ -225,8 +230,8 @@ def greedy_decode(
                     first = len(live) + len(tokens)
                     tokens += _forward(model, kv, first, [0] * len(group), [row.own for row in group], head)
                 rows, first = joining, len(live)
-                _label_bands(joining, max((row.band for row in live), default=-1) + 1)
-                live = _merge(live + joining)
+                _label_bands(joining, max((row.band for row in live), default=-1) + 1, overhead)
+                live = _merge(live + joining, overhead)
             else:
                 rows, first = live, 0
                 inputs = [row.generated[-1:] for row in live]
@@ -241,7 +246,7 @@ def greedy_decode(
             for position in done:
                 yield live[position].index, live[position].generated
             if done:
-                live = _close_holes(kv, live, done)
+                live = _close_holes(kv, live, done, overhead)
 
 
 def _prefill_groups(rows: list[Row]) -> Iterator[list[Row]]:
@@ -256,16 +261,16 @@ def _prefill_groups(rows: list[Row]) -> Iterator[list[Row]]:
         yield group
 
 
-def _label_bands(rows: list[Row], label: int) -> None:
+def _label_bands(rows: list[Row], label: int, overhead: int) -> None:
     """Puts joining rows into new bands, labelled from `label` on, as split_bands groups their prompts."""
     begin = 0
-    for size in split_bands([len(row.own) for row in rows], BAND_OVERHEAD):
+    for size in split_bands([len(row.own) for row in rows], overhead):
         for row in rows[begin : begin + size]:
             row.band = label
         begin, label = begin + size, label + 1
 
 
-def _close_holes(kv: SlotKV, live: list[Row], done: list[int]) -> list[Row]:
+def _close_holes(kv: SlotKV, live: list[Row], done: list[int], overhead: int = ONE_BAND) -> list[Row]:
     """Drops the stopped rows; other rows move into their slots so that the live ones stay first and
     every band stays in consecutive slots (compaction)."""
     order = compaction([row.band for row in live], set(done))
@@ -273,10 +278,10 @@ def _close_holes(kv: SlotKV, live: list[Row], done: list[int]) -> list[Row]:
     if moves:
         sources, targets = zip(*moves)
         kv.move_slots(list(sources), list(targets), max(live[p].cached for p in sources) + 1)
-    return _merge([live[p] for p in order])
+    return _merge([live[p] for p in order], overhead)
 
 
-def _merge(live: list[Row]) -> list[Row]:
+def _merge(live: list[Row], overhead: int) -> list[Row]:
     """Relabels neighbouring bands as one where merge_bands says reading a little more is cheaper."""
     sizes = runs([row.band for row in live])
     begin, longest = 0, []
@@ -284,7 +289,7 @@ def _merge(live: list[Row]) -> list[Row]:
         longest.append(max(row.cached for row in live[begin : begin + size]))
         begin += size
     begin = 0
-    for size in merge_bands(sizes, longest, BAND_OVERHEAD):
+    for size in merge_bands(sizes, longest, overhead):
         for row in live[begin : begin + size]:
             row.band = live[begin].band
         begin += size
