@@ -114,7 +114,7 @@ class Step:
     bands: list[int] | None = None
     calls: int = 0  # layers that ran through this attention (a check that the model uses it)
     starts: torch.Tensor = field(init=False)  # start, on the cache's device
-    spans: list[tuple[int, int, int]] = field(init=False)  # each band's (first row, rows, keys it reads: max start + L)
+    spans: list[tuple[int, int, int]] = field(init=False)  # each band's first row, rows, keys read (max start + L)
     _masks: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
