@@ -7,6 +7,8 @@ picks with eval.seed), base model, 8-shot:
   (b) `mathtune eval` (pipeline.run_evaluation) on all N (default 200): the few-shot prefix computed
       once, continuous batching, the stop check on the answer line;
   (c) the same N problems zero-shot, as a tuned model is asked (speed only).
+(a) runs in two halves, before and after (b), so that a drift of the machine's speed during the run
+(shared hosts drift by a fifth within minutes) weighs on both sides alike.
 It checks that (b)'s extracted answers equal (a)'s on the 24 and counts the texts identical up to
 the stop point; prints problems/s and generated tokens/s for each, the fraction of the machine's
 limit (FLOPs the work needs at least, over the matrix-multiply peak measured in this run), the
@@ -96,27 +98,38 @@ def main() -> None:
     first = problems[: args.one_at_a_time]
     prompts = [fewshot_prompt(p["question"], examples) for p in first]
     one_at_a_time(model, tokenizer, prompts[:1], 4)  # warm-up, so neither side pays for first-call setup
-    start = time.perf_counter()
-    base_texts, generated, prompt_tokens = one_at_a_time(model, tokenizer, prompts, args.max_new_tokens)
-    seconds = time.perf_counter() - start
-    work = prompt_tokens * decoder_flops + generated * (decoder_flops + head_flops)
-    base_rate = report("(a) one at a time (generate)", len(first), seconds, generated, work, peak)
-    del model
+    halves = (prompts[: len(prompts) // 2], prompts[len(prompts) // 2 :])
+    base_texts, generated, prompt_tokens, seconds = [], 0, 0, 0.0
+
+    def run_half(half: list[str]) -> None:
+        nonlocal generated, prompt_tokens, seconds
+        start = time.perf_counter()
+        texts, new_tokens, tokens = one_at_a_time(model, tokenizer, half, args.max_new_tokens)
+        seconds += time.perf_counter() - start
+        base_texts.extend(texts)
+        generated, prompt_tokens = generated + new_tokens, prompt_tokens + tokens
+
+    def mathtune_eval(label: str, shots: int, out: Path) -> tuple[float, dict]:
+        scores = run_evaluation(config, dataset, out, PACKAGED_GEMMA, None, shots)
+        records = {r["id"]: r for r in read_jsonl(out / "predictions.jsonl")}
+        asked = [fewshot_prompt(p["question"], examples if shots else []) for p in problems]
+        lengths = [len(ids) for ids in tokenizer(asked)["input_ids"]]
+        shared = min(lengths) if shots else 0  # the common prefix, computed once: about the few-shot block
+        new_tokens = sum(r["generated_tokens"] for r in records.values())
+        work = (sum(lengths) - len(lengths) * shared) * decoder_flops + new_tokens * (decoder_flops + head_flops)
+        return report(label, len(records), scores["elapsed_s"], new_tokens, work, peak), records
 
     rates = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for label, shots in ((f"(b) mathtune eval, {args.shots}-shot", args.shots), ("(c) mathtune eval, 0-shot", 0)):
-            out = Path(tmp) / f"shots-{shots}"
-            scores = run_evaluation(config, dataset, out, PACKAGED_GEMMA, None, shots)
-            records = {r["id"]: r for r in read_jsonl(out / "predictions.jsonl")}
-            asked = [fewshot_prompt(p["question"], examples if shots else []) for p in problems]
-            lengths = [len(ids) for ids in tokenizer(asked)["input_ids"]]
-            shared = min(lengths) if shots else 0  # the common prefix, computed once: about the few-shot block
-            generated = sum(r["generated_tokens"] for r in records.values())
-            work = (sum(lengths) - len(lengths) * shared) * decoder_flops + generated * (decoder_flops + head_flops)
-            rates[shots] = report(label, len(records), scores["elapsed_s"], generated, work, peak)
-            if shots == args.shots:
-                ours = [records[p["id"]]["generation"] for p in first]
+        run_half(halves[0])
+        rates[args.shots], records = mathtune_eval(f"(b) mathtune eval, {args.shots}-shot", args.shots, Path(tmp) / "b")
+        run_half(halves[1])
+        work = prompt_tokens * decoder_flops + generated * (decoder_flops + head_flops)
+        base_rate = report("(a) one at a time (generate), its two halves around (b)", len(first), seconds, generated,
+                           work, peak)
+        del model
+        rates[0], _ = mathtune_eval("(c) mathtune eval, 0-shot", 0, Path(tmp) / "c")
+    ours = [records[p["id"]]["generation"] for p in first]
 
     agree = sum(extract_answer(STOP_RULES["mathtune"].cut(a)) == extract_answer(b) for a, b in zip(base_texts, ours))
     same = sum(a.startswith(b) for a, b in zip(base_texts, ours))  # generate ran on past our stop point
