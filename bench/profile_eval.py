@@ -139,23 +139,41 @@ def head_side_by_side(model, rows: int, repeats: int = 5) -> None:
           + f"; same ids: {all(v == ids['as decoding runs it'] for v in ids.values())}")
 
 
-def compare_heads(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int | None) -> None:
-    """Whole decodes of the same prompts, alternating the head as it is and the wide-slice one (see
-    head_side_by_side), in one process: the host's speed drifts, so only neighbouring runs compare."""
+def alternate_decodes(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int | None,
+                      ways: dict, order: tuple[str, ...]) -> None:
+    """Whole decodes of the same prompts, one way after another in `order` (`ways[name]()` sets a way
+    up), in one process: the host's speed drifts, so only neighbouring runs compare. Prints each run's
+    time, the ratio of the second way's mean time to the first's, and how many texts the two share (in
+    bfloat16 a way can round a near-tie differently, so the tokens generated may differ a little:
+    tokens/s is printed beside problems/s)."""
     list(generate_answers(model, tokenizer, prompts[:2], 4, progress=False))  # warm-up
-    heads, seconds, texts = {"8,192-row slices": GreedyHead, "65,536-row slices": WideHead}, {}, {}
-    for name in ("8,192-row slices", "65,536-row slices", "8,192-row slices"):
-        decode.GreedyHead = heads[name]
-        start = time.perf_counter()
-        texts[name] = sorted((i, text) for i, text, _ in generate_answers(
-            model, tokenizer, prompts, max_new_tokens, batch_size, progress=False))
+    seconds, texts = collections.defaultdict(list), collections.defaultdict(dict)
+    for name in order:
+        ways[name]()
+        start, generated = time.perf_counter(), 0
+        for i, text, n_tokens in generate_answers(model, tokenizer, prompts, max_new_tokens, batch_size,
+                                                  progress=False):
+            texts[name][i] = text
+            generated += n_tokens
         elapsed = time.perf_counter() - start
-        seconds.setdefault(name, []).append(elapsed)
-        print(f"{name}: {len(prompts)} problems in {elapsed:.1f} s, {len(prompts) / elapsed:.2f} problems/s", flush=True)
-    decode.GreedyHead = GreedyHead
-    new, old = sum(seconds["8,192-row slices"]) / 2, seconds["65,536-row slices"][0]
-    print(f"ratio (65,536-row time over the mean of the 8,192-row runs): {old / new:.2f}; "
-          f"same texts: {texts['8,192-row slices'] == texts['65,536-row slices']}")
+        seconds[name].append(elapsed)
+        print(f"{name}: {len(prompts)} problems in {elapsed:.1f} s, {len(prompts) / elapsed:.2f} problems/s, "
+              f"{generated / elapsed:.1f} generated tokens/s", flush=True)
+    first, second = order[0], order[1]
+    ratio = (sum(seconds[second]) / len(seconds[second])) / (sum(seconds[first]) / len(seconds[first]))
+    same = sum(texts[first][i] == texts[second][i] for i in texts[first])
+    print(f"ratio ({second}'s mean time over {first}'s): {ratio:.2f}; same texts: {same}/{len(prompts)}")
+
+
+def compare_heads(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int | None) -> None:
+    """The head as it is and the wide-slice one (see head_side_by_side), alternating new, old, new."""
+    ways = {"8,192-row slices": lambda: setattr(decode, "GreedyHead", GreedyHead),
+            "65,536-row slices": lambda: setattr(decode, "GreedyHead", WideHead)}
+    try:
+        alternate_decodes(model, tokenizer, prompts, max_new_tokens, batch_size, ways,
+                          ("8,192-row slices", "65,536-row slices", "8,192-row slices"))
+    finally:
+        decode.GreedyHead = GreedyHead
 
 
 def bands_side_by_side(model, tokenizer, prompts: list[str], rows: int, repeats: int = 6) -> None:
@@ -229,28 +247,15 @@ def bands_side_by_side(model, tokenizer, prompts: list[str], rows: int, repeats:
 
 
 def compare_bands(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int | None) -> None:
-    """Whole decodes of the same prompts, alternating rows in bands (decode.BAND_OVERHEAD as it is) and
-    all rows in one band (an overhead no saving beats), in one process, as compare_heads. In bfloat16
-    the two can round a near-tie differently, so texts, and the tokens generated, may differ a little:
-    tokens/s is printed beside problems/s."""
-    list(generate_answers(model, tokenizer, prompts[:2], 4, progress=False))  # warm-up
+    """Rows in bands (decode.BAND_OVERHEAD as it is) and in one band (no device named), alternating
+    bands, one band, bands."""
     bands = dict(decode.BAND_OVERHEAD)
-    overheads, seconds, texts = {"bands": bands, "one band": {}}, {}, {}  # a device not named: one band
-    for name in ("bands", "one band", "bands"):
-        decode.BAND_OVERHEAD = overheads[name]
-        start, generated = time.perf_counter(), 0
-        for i, text, n_tokens in generate_answers(model, tokenizer, prompts, max_new_tokens, batch_size,
-                                                  progress=False):
-            texts.setdefault(name, {})[i] = text
-            generated += n_tokens
-        elapsed = time.perf_counter() - start
-        seconds.setdefault(name, []).append(elapsed)
-        print(f"{name}: {len(prompts)} problems in {elapsed:.1f} s, {len(prompts) / elapsed:.2f} problems/s, "
-              f"{generated / elapsed:.1f} generated tokens/s", flush=True)
-    decode.BAND_OVERHEAD = bands
-    new, old = sum(seconds["bands"]) / 2, seconds["one band"][0]
-    print(f"ratio (one band's time over the mean of the runs in bands): {old / new:.2f}; "
-          f"same texts: {sum(texts['bands'][i] == texts['one band'][i] for i in texts['bands'])}/{len(prompts)}")
+    ways = {"bands": lambda: setattr(decode, "BAND_OVERHEAD", bands),
+            "one band": lambda: setattr(decode, "BAND_OVERHEAD", {})}
+    try:
+        alternate_decodes(model, tokenizer, prompts, max_new_tokens, batch_size, ways, ("bands", "one band", "bands"))
+    finally:
+        decode.BAND_OVERHEAD = bands
 
 
 def step_profile(model, tokenizer, prompts: list[str], rows: int) -> None:
