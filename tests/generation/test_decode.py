@@ -67,9 +67,8 @@ def test_equals_generate_one_at_a_time(prefix_len, slots):
     assert len({len(ids) for ids in got.values()}) > 2  # rows stopped at different steps
 
 
-def test_rows_in_many_bands_equal_generate(monkeypatch):
-    """No overhead for a band: every length its own band, rows joining, leaving and moving between slots."""
-    monkeypatch.setattr(decode, "BAND_OVERHEAD", {"cpu": 0})
+def count_bands(monkeypatch) -> list[int]:
+    """The number of bands of every forward call from now on."""
     seen_bands = []
     forward = decode._forward
 
@@ -78,6 +77,13 @@ def test_rows_in_many_bands_equal_generate(monkeypatch):
         return forward(model, kv, first, start, inputs, head, bands)
 
     monkeypatch.setattr(decode, "_forward", spy)
+    return seen_bands
+
+
+def test_rows_in_many_bands_equal_generate(monkeypatch):
+    """No overhead for a band: every length its own band, rows joining, leaving and moving between slots."""
+    monkeypatch.setattr(decode, "BAND_OVERHEAD", {"cpu": 0})
+    seen_bands = count_bands(monkeypatch)
     model = gemma()
     batch = prompts(12, 30, seed=5)
     got = dict(greedy_decode(model, batch, max_new_tokens=20, stop_ids={EOS}, finished=stops_at_multiple_of_7,
@@ -88,14 +94,7 @@ def test_rows_in_many_bands_equal_generate(monkeypatch):
 
 def test_a_device_without_a_band_overhead_keeps_one_band(monkeypatch):
     monkeypatch.setattr(decode, "BAND_OVERHEAD", {})  # as on a GPU
-    seen_bands = []
-    forward = decode._forward
-
-    def spy(model, kv, first, start, inputs, head=None, bands=None):
-        seen_bands.append(len(bands or [1]))
-        return forward(model, kv, first, start, inputs, head, bands)
-
-    monkeypatch.setattr(decode, "_forward", spy)
+    seen_bands = count_bands(monkeypatch)
     list(greedy_decode(gemma(), prompts(12, 30, seed=5), max_new_tokens=20, stop_ids={EOS},
                        finished=stops_at_multiple_of_7, slots=6))
     assert seen_bands and set(seen_bands) == {1}
