@@ -195,15 +195,19 @@ def bands_side_by_side(model, tokenizer, prompts: list[str], rows: int, repeats:
     overhead = decode.BAND_OVERHEAD[model.device.type]
     states = {f"{len(together)} rows started together, {t} tokens in":
               ([n + t for n in together], decode.split_bands(together, overhead)) for t in (50, 150)}
+    def longest(starts: list[int], sizes: list[int]) -> list[int]:
+        """Each band's longest row."""
+        ends = [sum(sizes[: k + 1]) for k in range(len(sizes))]
+        return [max(starts[end - size : end]) for size, end in zip(sizes, ends)]
+
     sampler, starts, sizes = random.Random(0), [], []
-    groups = max(1, rows // 32)
-    for group in range(groups):  # the oldest group first, as decoding keeps them
+    cohorts = max(1, rows // 32)
+    for cohort in range(cohorts):  # the oldest group first, as decoding keeps them
         joined = sorted(sampler.sample(lengths, min(32, len(lengths))))
-        starts += [n + 30 * (groups - 1 - group) for n in joined]
+        starts += [n + 30 * (cohorts - 1 - cohort) for n in joined]
         sizes += decode.split_bands(joined, overhead)
-    ends = [sum(sizes[: k + 1]) for k in range(len(sizes))]
-    longest = [max(starts[end - size : end]) for size, end in zip(sizes, ends)]
-    states[f"{len(starts)} rows in steady state"] = (starts, decode.merge_bands(sizes, longest, overhead))
+    steady = decode.merge_bands(sizes, longest(starts, sizes), overhead)
+    states[f"{len(starts)} rows in steady state"] = (starts, steady)
 
     own_seconds = [0.0]
     attend = shared_prefix._attend
@@ -236,8 +240,7 @@ def bands_side_by_side(model, tokenizer, prompts: list[str], rows: int, repeats:
                         owns[label].append(own_seconds[0])
                 step = {label: statistics.median(v) * 1000 for label, v in steps.items()}
                 own = {label: statistics.median(v) * 1000 for label, v in owns.items()}
-                ends = [sum(sizes[: k + 1]) for k in range(len(sizes))]
-                keys = sum(size * (max(starts[end - size : end]) + 1) for size, end in zip(sizes, ends))
+                keys = sum(size * (top + 1) for size, top in zip(sizes, longest(starts, sizes)))
                 print(f"{name}, {len(sizes)} bands: keys read per layer {keys} against {n * (max(starts) + 1)} "
                       f"(x{n * (max(starts) + 1) / keys:.2f}); own-keys attention {own['bands']:.1f} ms against "
                       f"{own['one band']:.1f} (x{own['one band'] / own['bands']:.2f}); step {step['bands']:.1f} ms "

@@ -270,7 +270,7 @@ def _label_bands(rows: list[Row], label: int, overhead: int) -> None:
         begin, label = begin + size, label + 1
 
 
-def _close_holes(kv: SlotKV, live: list[Row], done: list[int], overhead: int = ONE_BAND) -> list[Row]:
+def _close_holes(kv: SlotKV, live: list[Row], done: list[int], overhead: int) -> list[Row]:
     """Drops the stopped rows; other rows move into their slots so that the live ones stay first and
     every band stays in consecutive slots (compaction)."""
     order = compaction([row.band for row in live], set(done))
