@@ -6,11 +6,17 @@ picks with eval.seed), base model, 8-shot:
       text then cut at the stop point, as a first script would;
   (b) `mathtune eval` (pipeline.run_evaluation) on all N (default 200): the few-shot prefix computed
       once, continuous batching, the stop check on the answer line;
-  (c) the same N problems zero-shot, as a tuned model is asked (speed only).
+  (c) the same N problems zero-shot, as a tuned model is asked (speed only);
+  (d) after (a), `model.generate` on the same 24 all at once (left padding): how far generate agrees
+      with itself when rows share a step (agreement only).
 (a) runs in two halves, before and after (b), so that a drift of the machine's speed during the run
 (shared hosts drift by a fifth within minutes) weighs on both sides alike.
 It checks that (b)'s extracted answers equal (a)'s on the 24 and counts the texts identical up to
-the stop point; prints problems/s and generated tokens/s for each, the fraction of the machine's
+the stop point, and the same for (d). In bfloat16 a batch's shapes change the products' rounding,
+so where a text differs from (a)'s it shows the first token that differs and how far apart the two
+tokens' logits are there in float32 (one forward of the packaged model in float32 over the prompt and
+the shared text): a near-tie that rounding can flip, or a real difference. Then it prints
+problems/s and generated tokens/s for each, the fraction of the machine's
 limit (FLOPs the work needs at least, over the matrix-multiply peak measured in this run), the
 projected minutes for all 1,319 test problems, and last
 `speedup=<x> problems_per_s=<y> agree=<a>/<b> full_test_min=<z>` (b over a; b; 8-shot).
@@ -43,16 +49,79 @@ from mathtune.stopping import STOP_RULES
 FULL_TEST = 1319
 
 
-def one_at_a_time(model, tokenizer, prompts: list[str], max_new_tokens: int) -> tuple[list[str], int, int]:
-    """generate on each prompt alone; the whole texts, generated tokens and prompt tokens."""
-    texts, generated, prompt_tokens = [], 0, 0
+def one_at_a_time(model, tokenizer, prompts: list[str], max_new_tokens: int) -> tuple[list[list[int]], int, int]:
+    """generate on each prompt alone; the generated ids of each, generated tokens and prompt tokens."""
+    ids, generated, prompt_tokens = [], 0, 0
     for prompt in prompts:
         inputs = tokenizer(prompt, return_tensors="pt").to(model.device)
         new = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)[0, inputs["input_ids"].shape[1]:]
-        texts.append(tokenizer.decode(new, skip_special_tokens=True))
+        ids.append(new.tolist())
         generated += len(new)
         prompt_tokens += inputs["input_ids"].shape[1]
-    return texts, generated, prompt_tokens
+    return ids, generated, prompt_tokens
+
+
+def all_at_once(model, tokenizer, prompts: list[str], max_new_tokens: int) -> list[str]:
+    """generate on all prompts in one left-padded batch: the texts (generate's own batching, for agreement)."""
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    try:
+        inputs = tokenizer(prompts, return_tensors="pt", padding=True).to(model.device)
+    finally:
+        tokenizer.padding_side = side
+    new = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)[:, inputs["input_ids"].shape[1]:]
+    return tokenizer.batch_decode(new, skip_special_tokens=True)
+
+
+def up_to_stop(text: str) -> str:
+    """The text a decoder under the mathtune stop rule keeps: up to the end of the first stop match, cut."""
+    rule = STOP_RULES["mathtune"]
+    ends = [m.end() for m in (pattern.search(text) for pattern in rule.stop_on) if m]
+    return rule.cut(text[: min(ends)] if ends else text)
+
+
+def first_difference(tokenizer, ids: list[int], text: str) -> int | None:
+    """The index of the first of `ids` whose text leaves `text` (up to the stop point); None if none does."""
+    reference, other = up_to_stop(tokenizer.decode(ids, skip_special_tokens=True)), up_to_stop(text)
+    if reference == other:
+        return None
+    for t in range(len(ids)):
+        if ids[t] in tokenizer.all_special_ids or not other.startswith(
+                tokenizer.decode(ids[: t + 1], skip_special_tokens=True)):
+            return t  # generate ended (EOS) where the other text goes on, or the texts part here
+    return len(ids)  # generate reached max_new_tokens where the other text goes on
+
+
+def logit_gap(models: list, tokenizer, prompt: str, ids: list[int], t: int, text: str, top: int = 20) -> str:
+    """At (a)'s first differing token t: the two tokens and the gap between their logits in each of `models`
+    (one forward over the prompt and the shared ids each); the other side's token is the first of the first
+    model's `top` largest logits that its text continues with."""
+    if t == len(ids):
+        return f"token {t}: generate stopped at max_new_tokens"
+    context = torch.tensor([tokenizer(prompt)["input_ids"] + ids[:t]])
+    with torch.no_grad():
+        logits = [m(context.to(m.device), logits_to_keep=1).logits[0, -1].float().cpu() for m in models]
+    rest = text[len(tokenizer.decode(ids[:t], skip_special_tokens=True)):]
+    candidates = logits[0].topk(top).indices.tolist()
+    theirs = next((c for c in candidates if c != ids[t] and rest.startswith(tokenizer.decode([c]))), None)
+    head = f"token {t}: generate {tokenizer.decode([ids[t]])!r}"
+    if theirs is None:
+        return f"{head}; the other text's token is not among the {top} largest {dtype_name(models[0])} logits"
+    gaps = ", ".join(f"{dtype_name(m)} {l[ids[t]] - l[theirs]:+.3f}" for m, l in zip(models, logits))
+    return (f"{head}, the other {tokenizer.decode([theirs])!r} (rank {candidates.index(theirs) + 1} in "
+            f"{dtype_name(models[0])}); logit gap, generate's token less the other's: {gaps}")
+
+
+def dtype_name(model) -> str:
+    return str(model.dtype).removeprefix("torch.")
+
+
+def agreement(label: str, reference: list[str], texts: list[str]) -> int:
+    """Prints and returns how many of `texts` keep the same strict answer as `reference`, with the same-text count."""
+    same = sum(up_to_stop(a) == up_to_stop(b) for a, b in zip(reference, texts))
+    agree = sum(extract_answer(up_to_stop(a)) == extract_answer(up_to_stop(b)) for a, b in zip(reference, texts))
+    print(f"{label}: same text up to the stop point: {same}/{len(texts)}; same strict answer: {agree}/{len(texts)}",
+          flush=True)
+    return agree
 
 
 def flops_per_token(model) -> tuple[float, float]:
@@ -99,14 +168,14 @@ def main() -> None:
     prompts = [fewshot_prompt(p["question"], examples) for p in first]
     one_at_a_time(model, tokenizer, prompts[:1], 4)  # warm-up, so neither side pays for first-call setup
     halves = (prompts[: len(prompts) // 2], prompts[len(prompts) // 2 :])
-    base_texts, generated, prompt_tokens, seconds = [], 0, 0, 0.0
+    base_ids, generated, prompt_tokens, seconds = [], 0, 0, 0.0
 
     def run_half(half: list[str]) -> None:
         nonlocal generated, prompt_tokens, seconds
         start = time.perf_counter()
-        texts, new_tokens, tokens = one_at_a_time(model, tokenizer, half, args.max_new_tokens)
+        ids, new_tokens, tokens = one_at_a_time(model, tokenizer, half, args.max_new_tokens)
         seconds += time.perf_counter() - start
-        base_texts.extend(texts)
+        base_ids.extend(ids)
         generated, prompt_tokens = generated + new_tokens, prompt_tokens + tokens
 
     def mathtune_eval(label: str, shots: int, out: Path) -> tuple[float, dict]:
@@ -127,13 +196,19 @@ def main() -> None:
         work = prompt_tokens * decoder_flops + generated * (decoder_flops + head_flops)
         base_rate = report("(a) one at a time (generate), its two halves around (b)", len(first), seconds, generated,
                            work, peak)
-        del model
+        batched = all_at_once(model, tokenizer, prompts, args.max_new_tokens)
+        ours = [records[p["id"]]["generation"] for p in first]
+        base_texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in base_ids]
+        agree = agreement("(b) against (a)", base_texts, ours)
+        agreement(f"(d) generate, all {len(first)} at once, against (a)", base_texts, batched)
+        models = [load_model(PACKAGED_GEMMA, "float32"), model] if model.dtype != torch.float32 else [model]
+        for label, texts in (("(b)", ours), ("(d)", batched)):
+            for i, (prompt, ids, text) in enumerate(zip(prompts, base_ids, texts)):
+                t = first_difference(tokenizer, ids, text)
+                if t is not None:
+                    print(f"{label} problem {i}, {logit_gap(models, tokenizer, prompt, ids, t, text)}", flush=True)
+        del model, models
         rates[0], _ = mathtune_eval("(c) mathtune eval, 0-shot", 0, Path(tmp) / "c")
-    ours = [records[p["id"]]["generation"] for p in first]
-
-    agree = sum(extract_answer(STOP_RULES["mathtune"].cut(a)) == extract_answer(b) for a, b in zip(base_texts, ours))
-    same = sum(a.startswith(b) for a, b in zip(base_texts, ours))  # generate ran on past our stop point
-    print(f"same text up to the stop point: {same}/{len(first)}; same strict answer: {agree}/{len(first)}")
     for shots, rate in rates.items():
         print(f"projected for all {FULL_TEST} test problems, {shots}-shot: {FULL_TEST / rate / 60:.1f} min")
     print(f"speedup={rates[args.shots] / base_rate:.1f} problems_per_s={rates[args.shots]:.2f} "
