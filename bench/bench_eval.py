@@ -12,13 +12,13 @@ picks with eval.seed), base model, 8-shot:
 (a) runs in two halves, before and after (b), so that a drift of the machine's speed during the run
 (shared hosts drift by a fifth within minutes) weighs on both sides alike.
 It checks that (b)'s extracted answers equal (a)'s on the 24 and counts the texts identical up to
-the stop point, and the same for (d). In bfloat16 a batch's shapes change the products' rounding,
-so where a text differs from (a)'s it shows the first token that differs and how far apart the two
-tokens' logits are there in float32 (one forward of the packaged model in float32 over the prompt and
-the shared text): a near-tie that rounding can flip, or a real difference. Then it prints
-problems/s and generated tokens/s for each, the fraction of the machine's
-limit (FLOPs the work needs at least, over the matrix-multiply peak measured in this run), the
-projected minutes for all 1,319 test problems, and last
+the stop point, and the same for (d). In bfloat16 the rows that share a step change the products'
+rounding, so where a text parts from (a)'s it shows the token where they part and how far apart the
+two tokens' logits are there in float32 (one forward of the packaged model in float32 over the
+prompt and the shared text), with the range of those gaps: a near-tie that rounding can flip, or a
+real difference. It prints problems/s and generated tokens/s for each, the fraction of the
+machine's limit (FLOPs the work needs at least, over the matrix-multiply peak measured in this
+run), the projected minutes for all 1,319 test problems, and last
 `speedup=<x> problems_per_s=<y> agree=<a>/<b> full_test_min=<z>` (b over a; b; 8-shot).
 
     make bench-eval            # or: PYTHONPATH=src .venv/bin/python bench/bench_eval.py --n 200
@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -47,6 +48,7 @@ from mathtune.runfiles import read_jsonl
 from mathtune.stopping import STOP_RULES
 
 FULL_TEST = 1319
+RULE = STOP_RULES["mathtune"]  # (a) and (d) run on past the stop point: compare what a decoder keeps
 
 
 def one_at_a_time(model, tokenizer, prompts: list[str], max_new_tokens: int) -> tuple[list[list[int]], int, int]:
@@ -72,43 +74,52 @@ def all_at_once(model, tokenizer, prompts: list[str], max_new_tokens: int) -> li
     return tokenizer.batch_decode(new, skip_special_tokens=True)
 
 
-def up_to_stop(text: str) -> str:
-    """The text a decoder under the mathtune stop rule keeps: up to the end of the first stop match, cut."""
-    rule = STOP_RULES["mathtune"]
-    ends = [m.end() for m in (pattern.search(text) for pattern in rule.stop_on) if m]
-    return rule.cut(text[: min(ends)] if ends else text)
-
-
-def first_difference(tokenizer, ids: list[int], text: str) -> int | None:
-    """The index of the first of `ids` whose text leaves `text` (up to the stop point); None if none does."""
-    reference, other = up_to_stop(tokenizer.decode(ids, skip_special_tokens=True)), up_to_stop(text)
-    if reference == other:
+def parting(tokenizer, ids: list[int], text: str) -> tuple[int, int] | None:
+    """Where `text` leaves the text of generate's `ids`, both up to the stop point: the first differing
+    character and the index of the token of `ids` that holds it (the EOS that ends generate's text early,
+    or len(ids) at max_new_tokens); None when the two are the same."""
+    ours, other = RULE.kept(tokenizer.decode(ids, skip_special_tokens=True)), RULE.kept(text)
+    if ours == other:
         return None
+    char = len(os.path.commonprefix([ours, other]))
     for t in range(len(ids)):
-        if ids[t] in tokenizer.all_special_ids or not other.startswith(
-                tokenizer.decode(ids[: t + 1], skip_special_tokens=True)):
-            return t  # generate ended (EOS) where the other text goes on, or the texts part here
-    return len(ids)  # generate reached max_new_tokens where the other text goes on
+        if ids[t] in tokenizer.all_special_ids or len(tokenizer.decode(ids[: t + 1], skip_special_tokens=True)) > char:
+            return char, t
+    return char, len(ids)
 
 
-def logit_gap(models: list, tokenizer, prompt: str, ids: list[int], t: int, text: str, top: int = 20) -> str:
-    """At (a)'s first differing token t: the two tokens and the gap between their logits in each of `models`
-    (one forward over the prompt and the shared ids each); the other side's token is the first of the first
-    model's `top` largest logits that its text continues with."""
-    if t == len(ids):
-        return f"token {t}: generate stopped at max_new_tokens"
-    context = torch.tensor([tokenizer(prompt)["input_ids"] + ids[:t]])
-    with torch.no_grad():
-        logits = [m(context.to(m.device), logits_to_keep=1).logits[0, -1].float().cpu() for m in models]
-    rest = text[len(tokenizer.decode(ids[:t], skip_special_tokens=True)):]
-    candidates = logits[0].topk(top).indices.tolist()
-    theirs = next((c for c in candidates if c != ids[t] and rest.startswith(tokenizer.decode([c]))), None)
-    head = f"token {t}: generate {tokenizer.decode([ids[t]])!r}"
-    if theirs is None:
-        return f"{head}; the other text's token is not among the {top} largest {dtype_name(models[0])} logits"
-    gaps = ", ".join(f"{dtype_name(m)} {l[ids[t]] - l[theirs]:+.3f}" for m, l in zip(models, logits))
-    return (f"{head}, the other {tokenizer.decode([theirs])!r} (rank {candidates.index(theirs) + 1} in "
-            f"{dtype_name(models[0])}); logit gap, generate's token less the other's: {gaps}")
+def logit_gap(models: list, tokenizer, prompt: str, ids: list[int], text: str, back: int = 3,
+              top: int = 20) -> tuple[str, float | None]:
+    """Where `text` leaves generate's `ids`: generate's token there, the other text's, and the gap between
+    their logits in each of `models` (one forward each over the prompt and generate's tokens); the
+    message and the first model's gap (None where the other token is not found).
+
+    The other text's tokens are not kept, so its token is looked for: at the earliest of the `back` tokens
+    before the parting one (a token boundary may differ: ' ' then '1' against ' <<'), the first of the
+    first model's `top` largest logits, other than generate's, whose text continues the other text past
+    the first differing character."""
+    char, parted = parting(tokenizer, ids, text)
+    if parted == len(ids):
+        return f"generate's text ends at max_new_tokens where the other goes on (character {char})", None
+    first = max(0, parted - back)
+    context = torch.tensor([tokenizer(prompt)["input_ids"] + ids[:parted]])
+    with torch.no_grad():  # the logits that choose tokens first .. parted
+        logits = [m(context.to(m.device), logits_to_keep=parted - first + 1).logits[0].float().cpu() for m in models]
+    for t in range(first, parted + 1):
+        start = len(tokenizer.decode(ids[:t], skip_special_tokens=True))
+        rest = RULE.kept(text)[start:]
+        candidates = logits[0][t - first].topk(top).indices.tolist()
+        for c in candidates:
+            piece = tokenizer.decode([c], skip_special_tokens=True)
+            ends_here = not rest and c in tokenizer.all_special_ids
+            if c != ids[t] and (ends_here or piece and rest.startswith(piece) and start + len(piece) > char):
+                gaps = ", ".join(f"{dtype_name(m)} {l[t - first, ids[t]] - l[t - first, c]:+.3f}"
+                                 for m, l in zip(models, logits))
+                return (f"token {t}: generate {tokenizer.decode([ids[t]])!r}, the other {tokenizer.decode([c])!r} "
+                        f"(rank {candidates.index(c) + 1} in {dtype_name(models[0])}); logit gap, generate's token "
+                        f"less the other's: {gaps}"), (logits[0][t - first, ids[t]] - logits[0][t - first, c]).item()
+    return (f"token {parted}: generate {tokenizer.decode([ids[parted]])!r}; the other text's token is not among "
+            f"the {top} largest {dtype_name(models[0])} logits of tokens {first} to {parted}"), None
 
 
 def dtype_name(model) -> str:
@@ -117,8 +128,9 @@ def dtype_name(model) -> str:
 
 def agreement(label: str, reference: list[str], texts: list[str]) -> int:
     """Prints and returns how many of `texts` keep the same strict answer as `reference`, with the same-text count."""
-    same = sum(up_to_stop(a) == up_to_stop(b) for a, b in zip(reference, texts))
-    agree = sum(extract_answer(up_to_stop(a)) == extract_answer(up_to_stop(b)) for a, b in zip(reference, texts))
+    same = sum(RULE.kept(a) == RULE.kept(b) for a, b in zip(reference, texts))
+    agree = sum(extract_answer(RULE.kept(a)) == extract_answer(RULE.kept(b))
+                for a, b in zip(reference, texts))
     print(f"{label}: same text up to the stop point: {same}/{len(texts)}; same strict answer: {agree}/{len(texts)}",
           flush=True)
     return agree
@@ -203,10 +215,16 @@ def main() -> None:
         agreement(f"(d) generate, all {len(first)} at once, against (a)", base_texts, batched)
         models = [load_model(PACKAGED_GEMMA, "float32"), model] if model.dtype != torch.float32 else [model]
         for label, texts in (("(b)", ours), ("(d)", batched)):
+            gaps = []
             for i, (prompt, ids, text) in enumerate(zip(prompts, base_ids, texts)):
-                t = first_difference(tokenizer, ids, text)
-                if t is not None:
-                    print(f"{label} problem {i}, {logit_gap(models, tokenizer, prompt, ids, t, text)}", flush=True)
+                if parting(tokenizer, ids, text) is not None:
+                    message, gap = logit_gap(models, tokenizer, prompt, ids, text)
+                    gaps.append(abs(gap) if gap is not None else float("inf"))
+                    print(f"{label} problem {i}, {message}", flush=True)
+            if gaps:
+                print(f"{label}: {len(gaps)} of {len(texts)} texts part from (a)'s, where the two tokens' "
+                      f"{dtype_name(models[0])} logits are {min(gaps):.3f} to {max(gaps):.3f} apart "
+                      f"(median {statistics.median(gaps):.3f})", flush=True)
         del model, models
         rates[0], _ = mathtune_eval("(c) mathtune eval, 0-shot", 0, Path(tmp) / "c")
     for shots, rate in rates.items():

@@ -120,6 +120,24 @@ def test_lm_eval_cut_is_the_harness_cut_and_finished_means_something_is_cut():
         assert LM_EVAL.finished(text) == (LM_EVAL.cut(text) != text), text
 
 
+@pytest.mark.parametrize("rule, text, kept", [
+    (MATHTUNE, "So 42.\n#### 42\nQuestion: more\n#### 7\n", "So 42.\n#### 42\n"),
+    (MATHTUNE, "So 42.\n\nQuestion: more\n#### 7\n", "So 42."),
+    (MATHTUNE, "#### 4", "#### 4"),
+    (LM_EVAL, "So 42.\n#### 42\nQuestion: more</s>", "So 42.\n#### 42\n"),
+    (LM_EVAL, "a</s>b Question: c", "a"),
+])
+def test_kept_stops_at_the_first_stop(rule, text, kept):
+    assert rule.kept(text) == kept
+
+
+def test_kept_is_the_cut_of_the_shortest_finished_prefix():
+    for text in random_texts(4, 1500):
+        for rule in STOP_RULES.values():
+            finished = next((text[:n] for n in range(len(text) + 1) if rule.finished(text[:n])), text)
+            assert rule.kept(text) == rule.cut(finished), (rule.name, text)
+
+
 def test_a_cut_is_a_prefix():
     for text in random_texts(3, 2000):
         for rule in STOP_RULES.values():

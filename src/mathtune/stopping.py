@@ -44,6 +44,14 @@ class StopRule:
         """True once generation must stop on this decoded text."""
         return any(pattern.search(text) for pattern in self.stop_on)
 
+    def kept(self, text: str) -> str:
+        """What a decoder that stops at once keeps of a text that ran on past its stop point (a whole
+        `generate` output, say): the text up to the end of its first stop match, then cut. The first
+        match of each pattern is its earliest-ending one for these rules (literal strings; patterns that
+        cannot cross the newline they end on), so this is the shortest finished prefix."""
+        ends = [match.end() for match in map(lambda pattern: pattern.search(text), self.stop_on) if match]
+        return self.cut(text[: min(ends)] if ends else text)
+
     def cut(self, text: str) -> str:
         """The text kept: up to (not including) the stop point, the whole text when there is none."""
         for pattern in self.cut_at:
