@@ -105,3 +105,21 @@ def test_the_protocol_is_set_from_the_command_line(capsys):
     assert config_from_args(args).eval.protocol == "lm-eval"
     assert main(["eval", "--preset", "tiny", "--model", "m", "--set", "eval.protocol=lmeval"]) == 2
     assert "eval.protocol must be one of" in capsys.readouterr().err
+
+
+def test_the_vllm_backend_needs_vllm_and_is_named_in_the_error(monkeypatch, capsys):
+    import importlib.util
+
+    from mathtune.cli import main
+
+    assert load_config("tiny").eval.backend == "mathtune"
+    with pytest.raises(ConfigError, match=r"eval.backend must be one of \['mathtune', 'vllm'\], got 'vlm' "
+                                          r"\(did you mean 'vllm'\?\)"):
+        load_config("tiny", ["eval.backend=vlm"])
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *rest: None)
+    with pytest.raises(ConfigError, match="eval.backend is vllm, but the vllm package is not installed"):
+        load_config("tiny", ["eval.backend=vllm"])
+    assert main(["eval", "--preset", "tiny", "--model", "m", "--backend", "vllm"]) == 2
+    assert "use eval.backend: mathtune" in capsys.readouterr().err
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *rest: object())
+    assert load_config("tiny", ["eval.backend=vllm"]).eval.backend == "vllm"

@@ -273,3 +273,33 @@ def test_resuming_with_another_protocol_is_refused(tmp_path, monkeypatch):
     assert run_eval((None, None), tmp_path, PROBLEMS)["generated_problems"] == 4
     with pytest.raises(EvalError, match="protocol: 'mathtune' there, 'lm-eval' now"):
         run_eval((None, None), tmp_path, PROBLEMS, protocol="lm-eval")
+
+
+def test_the_vllm_backend_keeps_what_the_stop_rule_keeps(tmp_path, monkeypatch):
+    """vLLM runs on past a `#### N` line to its stop string; the record keeps the rule's text, and the
+    evaluation is marked as vLLM's and refused to the other backend on resume."""
+    from mathtune import evaluate
+
+    asked = []
+    engine_texts = [" 3 + 4 = 7\n#### 7\nThe next\n\nQuestion:", " 12 * 5 = 60\n#### 60\n", " no answer"]
+
+    def fake_generate(engine, prompts, max_new_tokens, stop):
+        asked.append((engine, len(prompts), max_new_tokens, stop))
+        for index, text in enumerate(engine_texts[: len(prompts)]):
+            yield index, text, len(text)
+
+    monkeypatch.setattr(evaluate.vllm_engine, "generate", fake_generate)
+    scores = evaluate_problems("engine", None, PROBLEMS[:3], tmp_path, fewshot_examples=None, model_label="m",
+                               max_new_tokens=40, progress=False, backend="vllm")
+    assert asked == [("engine", 3, 40, ("\nQuestion:",))]
+    records = [json.loads(line) for line in (tmp_path / "predictions.jsonl").read_text().splitlines()]
+    assert [r["generation"] for r in records] == [" 3 + 4 = 7\n#### 7\n", " 12 * 5 = 60\n#### 60\n", " no answer"]
+    assert [r["correct_strict"] for r in records] == [True, True, False]
+    assert [r["generated_tokens"] for r in records] == [len(t) for t in engine_texts]
+    assert scores["backend"] == "vllm" and json.loads((tmp_path / "meta.json").read_text())["backend"] == "vllm"
+    with pytest.raises(EvalError, match="backend: 'vllm' there, 'mathtune' now"):
+        evaluate_problems(None, None, PROBLEMS, tmp_path, fewshot_examples=None, model_label="m",
+                          max_new_tokens=40, progress=False)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        evaluate_problems(None, None, PROBLEMS, tmp_path / "other", fewshot_examples=None, model_label="m",
+                          backend="sglang")

@@ -93,3 +93,31 @@ def test_a_model_directory_appears_whole_and_the_first_copy_stands(tmp_path):
     assert save_model_dir(model, tokenizer, target) == target  # as a second process finishing later
     assert (target / "config.json").stat().st_mtime_ns == written
     assert sorted(p.name for p in tmp_path.iterdir()) == ["copy"]  # no partial directory left behind
+
+
+def test_load_vllm_hands_vllm_the_model_or_the_adapter_merged_into_the_workdir(tmp_path, monkeypatch):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from mathtune.generation import vllm_engine
+    from mathtune.models import load_model, load_vllm, resolve_model_path
+
+    loaded = []
+    monkeypatch.setattr(vllm_engine, "load_engine", lambda *args: loaded.append(args) or "engine")
+    assert load_vllm(TINY_RANDOM, "float32", seed=3) == "engine"
+    assert loaded[-1] == (resolve_model_path(TINY_RANDOM), "float32", None, 3)
+
+    torch.manual_seed(0)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"], init_lora_weights=False)
+    get_peft_model(load_model(TINY_RANDOM, "float32"), config).save_pretrained(tmp_path / "adapter")
+    with pytest.raises(ValueError, match="workdir"):
+        load_vllm(TINY_RANDOM, "float32", adapter=tmp_path / "adapter")
+    load_vllm(TINY_RANDOM, "float32", adapter=tmp_path / "adapter", workdir=tmp_path / "merged")
+    assert loaded[-1] == (str(tmp_path / "merged"), "float32", None, 0)
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)
+    tuned = load_model(TINY_RANDOM, "float32", adapter=tmp_path / "adapter", merge_adapter=True)
+    base = load_model(TINY_RANDOM, "float32")
+    name = "model.layers.0.self_attn.q_proj.weight"
+    weights = {k: dict(m.named_parameters())[name] for k, m in (("merged", merged), ("tuned", tuned), ("base", base))}
+    assert torch.equal(weights["merged"], weights["tuned"]) and not torch.equal(weights["merged"], weights["base"])
+    assert (tmp_path / "merged" / "tokenizer_config.json").exists()

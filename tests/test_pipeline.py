@@ -131,6 +131,35 @@ def test_a_finished_evaluation_is_scored_again_without_loading_the_model(tiny_ru
     assert scores["strict"] == before["strict"] and scores["generated_problems"] == 0
 
 
+def test_the_vllm_backend_evaluates_the_tuned_model_merged_into_a_workdir_that_goes(tiny_run_dir, gsm8k_dir,
+                                                                                   tmp_path, monkeypatch):
+    import importlib.util
+
+    from mathtune import data, evaluate, pipeline
+    from mathtune.config import load_config
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *rest: object())  # as if vLLM were installed
+    calls = []
+
+    def fake_load_vllm(name, dtype, revision, adapter, workdir, seed):
+        calls.append((name, adapter, workdir, workdir.is_dir()))
+        return "engine"
+
+    def fake_generate(engine, prompts, max_new_tokens, stop):
+        for index in range(len(prompts)):
+            yield index, "#### 1\nQuestion:", 3
+
+    monkeypatch.setattr(pipeline, "load_vllm", fake_load_vllm)
+    monkeypatch.setattr(evaluate.vllm_engine, "generate", fake_generate)
+    config = load_config(tiny_run_dir / "config.yaml", ["eval.backend=vllm"])
+    adapter = tiny_run_dir / "adapter"
+    scores = pipeline.run_evaluation(config, data.load_dataset(config.data), tmp_path / "eval", config.model.name,
+                                     adapter, 0)
+    [(name, given, workdir, existed)] = calls
+    assert (name, given, existed) == (config.model.name, adapter, True) and not workdir.exists()
+    assert scores["backend"] == "vllm" and scores["generated_problems"] == scores["n"] > 0
+
+
 def test_a_preset_given_with_a_run_directory_is_not_used(tiny_run_dir, gsm8k_dir, tmp_path, capsys):
     out = tmp_path / "eval"
     assert main(["eval", "--preset", "cpu-demo", "--model", str(tiny_run_dir), "--data", str(gsm8k_dir),

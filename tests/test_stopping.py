@@ -138,6 +138,22 @@ def test_kept_is_the_cut_of_the_shortest_finished_prefix():
             assert rule.kept(text) == rule.cut(finished), (rule.name, text)
 
 
+def stopped_at_a_string(text: str, strings: tuple[str, ...]) -> str:
+    """What an engine that stops on strings returns, the string kept: up to the end of the first one."""
+    ends = [text.find(s) + len(s) for s in strings if s in text]
+    return text[: min(ends)] if ends else text
+
+
+def test_stop_strings_finish_the_rule_and_keep_what_it_keeps():
+    assert MATHTUNE.stop_strings == ("\nQuestion:",) and LM_EVAL.stop_strings == HARNESS_UNTIL
+    for text in random_texts(5, 3000):
+        for rule in STOP_RULES.values():
+            stopped = stopped_at_a_string(text, rule.stop_strings)
+            assert rule.kept(stopped) == rule.kept(text), (rule.name, text)
+            if stopped != text:
+                assert rule.finished(stopped), (rule.name, text)
+
+
 def test_a_cut_is_a_prefix():
     for text in random_texts(3, 2000):
         for rule in STOP_RULES.values():

@@ -7,7 +7,7 @@ import errno
 import sys
 from pathlib import Path
 
-from mathtune.config import DEFAULT_PRESET, ConfigError, load_config
+from mathtune.config import DEFAULT_PRESET, EVAL_BACKENDS, ConfigError, load_config
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -86,6 +86,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
         config.eval.limit = args.limit
     if args.max_new_tokens is not None:
         config.eval.max_new_tokens = args.max_new_tokens
+    if args.backend:
+        config.eval.backend = args.backend
     if args.robustness is not None:
         config.eval.robustness_size = args.robustness or config.eval.robustness_size or 50
     config.eval.check()
@@ -151,6 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--shots", type=int, help="worked examples for a base model (a tuned model gets none; "
                           "default eval.shots, under --set eval.protocol=lm-eval 5)")
     evaluate.add_argument("--max-new-tokens", type=int)
+    evaluate.add_argument("--backend", choices=list(EVAL_BACKENDS),
+                          help="what generates: mathtune's decoder (default, any device) or vLLM where it is installed")
     evaluate.add_argument("--robustness", type=int, nargs="?", const=0, metavar="N",
                           help="evaluate on N fresh generated problems (seeds never trained on) instead; "
                           "N defaults to eval.robustness_size, else 50")

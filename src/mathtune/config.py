@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 import math
 import types
 import typing
@@ -22,6 +23,7 @@ from mathtune.stopping import STOP_RULES
 PRESET_DIR = Path(__file__).resolve().parent / "presets"  # package data: installed with mathtune
 DEFAULT_PRESET = "cpu-demo"
 LM_EVAL_SHOTS = 5  # lm-evaluation-harness gsm8k.yaml, num_fewshot
+EVAL_BACKENDS = ("mathtune", "vllm")  # eval.backend: which engine generates (mathtune.evaluate)
 
 
 class ConfigError(ValueError):
@@ -144,7 +146,9 @@ class EvalConfig:
     # task (its stop strings, its 5 worked examples per problem, its string comparison). docs/answers.md
     protocol: str = "mathtune"
     max_new_tokens: int = 256
-    batch_size: int | None = None  # rows decoded at once; null: chosen from the device and free memory
+    # mathtune: mathtune.generation, on any device; vllm: vLLM's engine, where vLLM is installed (a GPU it supports)
+    backend: str = "mathtune"
+    batch_size: int | None = None  # rows decoded at once (backend mathtune); null: chosen from the device, free memory
     seed: int = 1234
     generate_every: int = 1  # exact match during training at every Nth evaluation (the Nth, 2Nth, ...); 0: never
     generate_subset: int = 20  # on a fixed, seeded subset of this many validation problems
@@ -163,6 +167,10 @@ class EvalConfig:
         if self.shots < 0:
             raise ConfigError(f"eval.shots must be >= 0, got {self.shots}")
         _positive("eval.max_new_tokens", self.max_new_tokens)
+        _one_of("eval.backend", self.backend, list(EVAL_BACKENDS))
+        if self.backend == "vllm" and importlib.util.find_spec("vllm") is None:
+            raise ConfigError("eval.backend is vllm, but the vllm package is not installed here: install it on a "
+                              "machine with a GPU it supports (pip install vllm), or use eval.backend: mathtune")
         if self.batch_size is not None:
             _positive("eval.batch_size", self.batch_size)
         if self.generate_every < 0:

@@ -24,8 +24,9 @@ from mathtune.answers import (
     check_arithmetic, count_reasoning_steps, extract_answer, gold_answer, harness_answer, harness_correct,
     has_arithmetic_slip, is_correct,
 )
+from mathtune.config import EVAL_BACKENDS
 from mathtune.data import fewshot_prompt, format_prompt, seeded_subset
-from mathtune.generation import greedy_decode
+from mathtune.generation import greedy_decode, vllm_engine
 from mathtune.hardware import hardware_name
 from mathtune.runfiles import append_jsonl, read_json, read_jsonl, write_json
 from mathtune.stopping import STOP_RULES, StopRule
@@ -86,6 +87,18 @@ def generate_answers(
         ):
             bar.update()
             yield index, stop_rule.cut(tokenizer.decode(ids, skip_special_tokens=True)), len(ids)
+
+
+def vllm_answers(
+    engine, prompts: list[str], max_new_tokens: int = 256, progress: bool = True,
+    stop_rule: StopRule = STOP_RULES["mathtune"],
+) -> Iterator[tuple[int, str, int]]:
+    """generate_answers through a vLLM engine: (prompt index, text, generated token count), the text
+    what stop_rule keeps of the engine's (which runs on to a stop string, EOS or max_new_tokens)."""
+    with tqdm(total=len(prompts), unit="problem", desc="generating (vLLM)", disable=not progress) as bar:
+        for index, text, n_tokens in vllm_engine.generate(engine, prompts, max_new_tokens, stop_rule.stop_strings):
+            bar.update()
+            yield index, stop_rule.kept(text), n_tokens
 
 
 # --- evaluation ---------------------------------------------------------------------------------
@@ -159,8 +172,8 @@ def _check_same_evaluation(out_dir: Path, meta: dict, problems: list[dict]) -> l
     old_meta = read_json(out_dir / "meta.json")
     if old_meta is None:
         raise EvalError(f"{predictions} has no meta.json beside it, so it cannot be resumed safely. {advice}")
-    settings = ("model", "adapter", "protocol", "shots", "fewshot_ids", "max_new_tokens")
-    old_meta = {"protocol": "mathtune"} | old_meta  # written before there were protocols
+    settings = ("model", "adapter", "protocol", "backend", "shots", "fewshot_ids", "max_new_tokens")
+    old_meta = {"protocol": "mathtune", "backend": "mathtune"} | old_meta  # written before protocols, backends
     differ = [f"{k}: {old_meta.get(k)!r} there, {meta[k]!r} now" for k in settings if old_meta.get(k) != meta[k]]
     if differ:
         raise EvalError(f"{predictions} belongs to another evaluation ({'; '.join(differ)}). {advice}")
@@ -179,13 +192,14 @@ def evaluate_problems(
     model, tokenizer, problems: list[dict], out_dir: Path, *,
     fewshot_examples: list[dict] | dict[str, list[dict]] | None, model_label: str, adapter: str | None = None,
     split: str = "test", max_new_tokens: int = 256, batch_size: int | None = None, progress: bool = True,
-    load: Callable[[], tuple] | None = None, protocol: str = "mathtune",
+    load: Callable[[], tuple] | None = None, protocol: str = "mathtune", backend: str = "mathtune",
 ) -> dict:
     """Generate for every problem not yet in out_dir/predictions.jsonl, then write and return scores.json.
 
     fewshot_examples: the same worked examples for every problem (a list), or each problem's own
     (a dict by problem id, as harness_fewshot_examples gives). protocol (`mathtune`, `lm-eval`) picks
-    the stop rule (mathtune.stopping.STOP_RULES) and the scoring (score_record).
+    the stop rule (mathtune.stopping.STOP_RULES) and the scoring (score_record). backend: `mathtune`
+    (mathtune.generation) or `vllm` (model is then a vLLM engine and tokenizer is not used).
     Records are appended and flushed as problems finish, so an interrupted evaluation resumes
     where it stopped; a directory that holds another model's, protocol's or problem set's predictions
     is refused. With load, the model and tokenizer come from load() (model and tokenizer given as
@@ -195,6 +209,8 @@ def evaluate_problems(
     """
     if protocol not in STOP_RULES:
         raise ValueError(f"protocol must be one of {list(STOP_RULES)}, got {protocol!r}")
+    if backend not in EVAL_BACKENDS:
+        raise ValueError(f"backend must be one of {list(EVAL_BACKENDS)}, got {backend!r}")
     out_dir = Path(out_dir)
     ids = [p["id"] for p in problems]
     if isinstance(fewshot_examples, dict):
@@ -205,7 +221,8 @@ def evaluate_problems(
         examples = {i: fewshot_examples or [] for i in ids}
         shots, fewshot_ids = len(fewshot_examples or []), [ex["id"] for ex in fewshot_examples or []]
     meta = {
-        "model": model_label, "adapter": adapter, "split": split, "protocol": protocol, "shots": shots,
+        "model": model_label, "adapter": adapter, "split": split, "protocol": protocol, "backend": backend,
+        "shots": shots,
         "fewshot_ids": fewshot_ids, "max_new_tokens": max_new_tokens,
         "ids_sha256": ids_sha256(ids), "ids": ids,
     }
@@ -220,9 +237,12 @@ def evaluate_problems(
         for p in todo
     ]
     last = time.perf_counter()
-    for index, text, n_tokens in generate_answers(
-        model, tokenizer, prompts, max_new_tokens, batch_size, progress, STOP_RULES[protocol]
-    ):
+    if backend == "vllm":
+        answers = vllm_answers(model, prompts, max_new_tokens, progress, STOP_RULES[protocol])
+    else:
+        answers = generate_answers(model, tokenizer, prompts, max_new_tokens, batch_size, progress,
+                                   STOP_RULES[protocol])
+    for index, text, n_tokens in answers:
         now = time.perf_counter()
         record = score_record(todo[index], text, n_tokens, protocol) | {"time_s": round(now - last, 4)}
         last = now
@@ -230,7 +250,8 @@ def evaluate_problems(
         records[record["id"]] = record
 
     scores = {
-        key: meta[key] for key in ("model", "adapter", "split", "protocol", "shots", "ids_sha256", "max_new_tokens")
+        key: meta[key]
+        for key in ("model", "adapter", "split", "protocol", "backend", "shots", "ids_sha256", "max_new_tokens")
     } | summarize([records[i] for i in ids]) | {"generated_problems": len(todo)} | generation_speed(
         [records[i] for i in ids]) | {"hardware": hardware_name()}
     write_json(out_dir / "scores.json", scores)

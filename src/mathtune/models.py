@@ -116,6 +116,30 @@ def load_model(name: str, dtype: str = "auto", revision: str | None = None, adap
     return model.eval()
 
 
+def load_vllm(name: str, dtype: str = "auto", revision: str | None = None, adapter: str | Path | None = None,
+              workdir: Path | None = None, seed: int = 0):
+    """A vLLM engine (mathtune.generation.vllm_engine) over the model, for `eval.backend: vllm`.
+
+    With an adapter, the model with the adapter merged (the same merge_and_unload as load_model's) and its
+    tokenizer are saved into workdir first and vLLM loads that: the evaluation then runs the same
+    weights as the mathtune backend's, and needs none of vLLM's LoRA settings (ranks, target modules)."""
+    from mathtune.generation import vllm_engine
+
+    torch_dtype = resolve_dtype(dtype)
+    path = resolve_model_path(name, torch_dtype)
+    if adapter is not None:
+        if workdir is None:
+            raise ValueError("load_vllm needs a workdir for the merged model")
+        merged = load_model(name, dtype, revision, adapter=adapter, merge_adapter=True)
+        merged.save_pretrained(workdir)
+        load_tokenizer(name, revision).save_pretrained(workdir)
+        del merged
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()  # vLLM sizes its cache from the free GPU memory
+        path, revision = str(workdir), None
+    return vllm_engine.load_engine(path, str(torch_dtype).removeprefix("torch."), revision, seed)
+
+
 def adapter_base_model(adapter_dir: Path) -> str:
     config = json.loads((adapter_dir / "adapter_config.json").read_text())
     return config["base_model_name_or_path"]

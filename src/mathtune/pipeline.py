@@ -7,6 +7,7 @@ so running the same command again on a run that died continues where it stopped.
 from __future__ import annotations
 
 import re
+import tempfile
 import time
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from mathtune import synthetic
 from mathtune.config import Config, load_config
 from mathtune.evaluate import EvalError, choose_fewshot_examples, evaluate_problems, harness_fewshot_examples
 from mathtune.models import (
-    ModelError, adapter_base_model, check_model, load_model, load_tokenizer,
+    ModelError, adapter_base_model, check_model, load_model, load_tokenizer, load_vllm,
 )
 from mathtune.runfiles import read_json
 
@@ -56,16 +57,22 @@ def run_evaluation(
     print(f"Evaluating {kind} on {len(problems)} {split} problems ({shots}-shot, greedy, up to "
           f"{config.eval.max_new_tokens} new tokens, protocol {config.eval.protocol})...", flush=True)
 
-    def load() -> tuple:
-        return (load_model(model_name, config.model.dtype, config.model.revision, adapter=adapter, merge_adapter=True),
-                load_tokenizer(model_name, config.model.revision))
+    with tempfile.TemporaryDirectory(prefix="mathtune-merged-") as workdir:  # vLLM's merged model, if any
 
-    scores = evaluate_problems(
-        None, None, problems, out_dir, fewshot_examples=examples, model_label=model_name,
-        adapter=str(adapter) if adapter else None, split=split,
-        max_new_tokens=config.eval.max_new_tokens, batch_size=config.eval.batch_size, load=load,
-        protocol=config.eval.protocol,
-    )
+        def load() -> tuple:
+            if config.eval.backend == "vllm":
+                return load_vllm(model_name, config.model.dtype, config.model.revision, adapter, Path(workdir),
+                                 config.eval.seed), None
+            return (load_model(model_name, config.model.dtype, config.model.revision, adapter=adapter,
+                               merge_adapter=True),
+                    load_tokenizer(model_name, config.model.revision))
+
+        scores = evaluate_problems(
+            None, None, problems, out_dir, fewshot_examples=examples, model_label=model_name,
+            adapter=str(adapter) if adapter else None, split=split,
+            max_new_tokens=config.eval.max_new_tokens, batch_size=config.eval.batch_size, load=load,
+            protocol=config.eval.protocol, backend=config.eval.backend,
+        )
     strict = scores["strict"]
     print(f"  exact match (strict): {strict['correct']}/{strict['total']} = {strict['value']:.1%} "
           f"(95% CI {strict['ci95'][0]:.1%}-{strict['ci95'][1]:.1%})", flush=True)

@@ -39,6 +39,10 @@ class StopRule:
     stop_on: tuple[re.Pattern, ...]  # the text is finished once any of these matches
     cut_at: tuple[re.Pattern, ...]  # the kept text ends before the first match of each, applied in turn
     trigger_chars: frozenset[str]  # every match of a stop_on pattern ends in one of these
+    # literal strings for an engine that stops on strings only (vLLM's `stop`, the string kept in its
+    # output): each finishes the rule where it ends, so `kept` of a text that stopped at one is `kept`
+    # of the whole; the rule may finish earlier, on patterns no string expresses (`#### N` lines)
+    stop_strings: tuple[str, ...] = ()
 
     def finished(self, text: str) -> bool:
         """True once generation must stop on this decoded text."""
@@ -66,9 +70,12 @@ def _until(strings: tuple[str, ...]) -> tuple[re.Pattern, ...]:
 
 
 STOP_RULES: dict[str, StopRule] = {
-    "mathtune": StopRule("mathtune", (ANSWER_DONE, NEW_QUESTION), (NEW_QUESTION,), frozenset("\n:")),
+    "mathtune": StopRule(
+        "mathtune", (ANSWER_DONE, NEW_QUESTION), (NEW_QUESTION,), frozenset("\n:"), ("\nQuestion:",)
+    ),
     "lm-eval": StopRule(
-        "lm-eval", _until(HARNESS_UNTIL), _until(HARNESS_UNTIL), frozenset(s[-1] for s in HARNESS_UNTIL)
+        "lm-eval", _until(HARNESS_UNTIL), _until(HARNESS_UNTIL), frozenset(s[-1] for s in HARNESS_UNTIL),
+        HARNESS_UNTIL,
     ),
 }
 

@@ -61,7 +61,8 @@ def build_summary(records: RunRecords) -> dict:
         "accuracy": acc,
         "examples": _examples(preds, records.solutions or {}, config, notes),
         "robustness": robustness,
-        "evaluation": {name: {k: (scores[name] or {}).get(k) for k in ("split", "n", "shots", "protocol", "max_new_tokens", "hardware")}
+        "evaluation": {name: {k: (scores[name] or {}).get(k) for k in ("split", "n", "shots", "protocol", "backend",
+                                                                   "max_new_tokens", "hardware")}
                        for name in ("base", "tuned")},
         "cost": cost_summary,
         "definitions": definitions(),
