@@ -107,7 +107,7 @@ def test_the_protocol_is_set_from_the_command_line(capsys):
     assert "eval.protocol must be one of" in capsys.readouterr().err
 
 
-def test_the_vllm_backend_needs_vllm_and_is_named_in_the_error(monkeypatch, capsys):
+def test_the_vllm_backend_needs_vllm_and_is_named_in_the_error(monkeypatch, capsys, tmp_path):
     import importlib.util
 
     from mathtune.cli import main
@@ -116,10 +116,18 @@ def test_the_vllm_backend_needs_vllm_and_is_named_in_the_error(monkeypatch, caps
     with pytest.raises(ConfigError, match=r"eval.backend must be one of \['mathtune', 'vllm'\], got 'vlm' "
                                           r"\(did you mean 'vllm'\?\)"):
         load_config("tiny", ["eval.backend=vlm"])
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *rest: None)
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *rest: None if name == "vllm" else find_spec(name, *rest))
+    config = load_config("tiny", ["eval.backend=vllm"])  # a run made with vLLM elsewhere still loads
     with pytest.raises(ConfigError, match="eval.backend is vllm, but the vllm package is not installed"):
-        load_config("tiny", ["eval.backend=vllm"])
-    assert main(["eval", "--preset", "tiny", "--model", "m", "--backend", "vllm"]) == 2
-    assert "use eval.backend: mathtune" in capsys.readouterr().err
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *rest: object())
-    assert load_config("tiny", ["eval.backend=vllm"]).eval.backend == "vllm"
+        config.eval.check_backend_installed()
+    load_config("tiny").eval.check_backend_installed()
+    out = tmp_path / "eval"
+    assert main(["eval", "--preset", "tiny", "--model", "m", "--backend", "vllm", "--out", str(out)]) == 2
+    assert "use eval.backend: mathtune" in capsys.readouterr().err and not out.exists()
+    assert main(["run", "--preset", "tiny", "--set", "eval.backend=vllm", "--output-dir", str(tmp_path)]) == 2
+    assert "use eval.backend: mathtune" in capsys.readouterr().err and list(tmp_path.iterdir()) == []
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *rest: object() if name == "vllm" else find_spec(name, *rest))
+    load_config("tiny", ["eval.backend=vllm"]).eval.check_backend_installed()

@@ -138,7 +138,9 @@ def test_the_vllm_backend_evaluates_the_tuned_model_merged_into_a_workdir_that_g
     from mathtune import data, evaluate, pipeline
     from mathtune.config import load_config
 
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *rest: object())  # as if vLLM were installed
+    find_spec = importlib.util.find_spec  # as if vLLM were installed
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *rest: object() if name == "vllm" else find_spec(name, *rest))
     calls = []
 
     def fake_load_vllm(name, dtype, revision, adapter, workdir, seed):

@@ -91,6 +91,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     if args.robustness is not None:
         config.eval.robustness_size = args.robustness or config.eval.robustness_size or 50
     config.eval.check()
+    config.eval.check_backend_installed()
     shots = 0 if adapter else (config.eval.base_shots if args.shots is None else args.shots)
     dataset = data_module.load_dataset(config.data)
     print(data_module.describe(dataset), flush=True)

@@ -154,6 +154,13 @@ class EvalConfig:
     generate_subset: int = 20  # on a fixed, seeded subset of this many validation problems
     robustness_size: int = 0  # N > 0: also evaluate on N fresh generated problems (seed data.synthetic_seed + 1000)
 
+    def check_backend_installed(self) -> None:
+        """Before anything is written: the backend's package is importable. Not part of check(), so that
+        a run made with vLLM elsewhere can still be read, reported and evaluated here with another backend."""
+        if self.backend == "vllm" and importlib.util.find_spec("vllm") is None:
+            raise ConfigError("eval.backend is vllm, but the vllm package is not installed here: install it on a "
+                              "machine with a GPU it supports (pip install vllm), or use eval.backend: mathtune")
+
     @property
     def base_shots(self) -> int:
         """Worked examples for a base model: eval.shots, or the harness's 5 under protocol lm-eval."""
@@ -168,9 +175,6 @@ class EvalConfig:
             raise ConfigError(f"eval.shots must be >= 0, got {self.shots}")
         _positive("eval.max_new_tokens", self.max_new_tokens)
         _one_of("eval.backend", self.backend, list(EVAL_BACKENDS))
-        if self.backend == "vllm" and importlib.util.find_spec("vllm") is None:
-            raise ConfigError("eval.backend is vllm, but the vllm package is not installed here: install it on a "
-                              "machine with a GPU it supports (pip install vllm), or use eval.backend: mathtune")
         if self.batch_size is not None:
             _positive("eval.batch_size", self.batch_size)
         if self.generate_every < 0:

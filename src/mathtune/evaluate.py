@@ -222,8 +222,7 @@ def evaluate_problems(
         shots, fewshot_ids = len(fewshot_examples or []), [ex["id"] for ex in fewshot_examples or []]
     meta = {
         "model": model_label, "adapter": adapter, "split": split, "protocol": protocol, "backend": backend,
-        "shots": shots,
-        "fewshot_ids": fewshot_ids, "max_new_tokens": max_new_tokens,
+        "shots": shots, "fewshot_ids": fewshot_ids, "max_new_tokens": max_new_tokens,
         "ids_sha256": ids_sha256(ids), "ids": ids,
     }
     records = {r["id"]: r for r in _check_same_evaluation(out_dir, meta, problems)}

@@ -6,6 +6,7 @@ looked up in the local cache only, so a miss fails at once with a message that s
 
 from __future__ import annotations
 
+import gc
 import json
 from pathlib import Path
 
@@ -134,9 +135,10 @@ def load_vllm(name: str, dtype: str = "auto", revision: str | None = None, adapt
         merged.save_pretrained(workdir)
         load_tokenizer(name, revision).save_pretrained(workdir)
         del merged
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()  # vLLM sizes its cache from the free GPU memory
         path, revision = str(workdir), None
+    if torch.cuda.is_available():  # vLLM sizes its cache from the GPU memory free now: return torch's cached blocks
+        gc.collect()
+        torch.cuda.empty_cache()
     return vllm_engine.load_engine(path, str(torch_dtype).removeprefix("torch."), revision, seed)
 
 

@@ -45,6 +45,7 @@ def run_evaluation(
     training_ids, (the run's data.json, its train_ids): problems the adapter was trained on are refused.
     The model is loaded only when some problem is left to generate.
     """
+    config.eval.check_backend_installed()
     problems, train = evaluation_problems(config, dataset)
     split = config.eval.split
     if robustness:
@@ -172,6 +173,7 @@ def run(config: Config, overwrite: bool = False) -> dict:
     # loaded when --overwrite would replace a run) have passed: even --overwrite keeps the old run on bad input.
     check_run_dir(run_dir, overwrite=overwrite, resume=not overwrite)
     check_installed(config.train.report_to)
+    config.eval.check_backend_installed()
     dataset = data_module.load_dataset(config.data)
     train_problems, validation_problems = data_module.run_split(config.data, dataset)
     check_model(config.model.name, config.model.revision)

@@ -53,7 +53,7 @@ class StopRule:
         `generate` output, say): the text up to the end of its first stop match, then cut. The first
         match of each pattern is its earliest-ending one for these rules (literal strings; patterns that
         cannot cross the newline they end on), so this is the shortest finished prefix."""
-        ends = [match.end() for match in map(lambda pattern: pattern.search(text), self.stop_on) if match]
+        ends = [match.end() for match in (pattern.search(text) for pattern in self.stop_on) if match]
         return self.cut(text[: min(ends)] if ends else text)
 
     def cut(self, text: str) -> str:

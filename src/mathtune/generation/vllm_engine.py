@@ -4,8 +4,8 @@ vLLM does what mathtune.generation does (continuous batching, the shared prefix'
 `enable_prefix_caching`) with GPU kernels and a paged cache; nothing in mathtune requires it, and
 this module imports it only when called. Its `stop` takes literal strings, not the patterns a
 stop rule finishes on, so a generation runs to the first stop string (kept in the output), an EOS
-or max_new_tokens, and the caller keeps what its rule keeps (`StopRule.kept`). The text is the
-same; the tokens generated past a `#### N` line are the cost.
+or max_new_tokens, and the caller keeps what its rule keeps (`StopRule.kept`): the same answer,
+for the tokens generated past a `#### N` line.
 
 Prompts go to the engine in chunks, so the caller can write each chunk's records before the next
 starts: an evaluation that dies loses one chunk at most. vLLM schedules within a chunk as it likes;
