@@ -5,7 +5,8 @@ picks with eval.seed), base model, 8-shot:
   (a) the first 24 of them one at a time with `model.generate`, until EOS or max_new_tokens, each
       text then cut at the stop point, as a first script would;
   (b) `mathtune eval` (pipeline.run_evaluation) on all N (default 200): the few-shot prefix computed
-      once, continuous batching, the stop check on the answer line;
+      once, continuous batching, the stop check on the answer line (with --backend vllm, vLLM's
+      engine instead, where it is installed);
   (c) the same N problems zero-shot, as a tuned model is asked (speed only);
   (d) after (a), `model.generate` on the same 24 all at once (left padding): how far generate agrees
       with itself when rows share a step (agreement only).
@@ -21,7 +22,7 @@ machine's limit (FLOPs the work needs at least, over the matrix-multiply peak me
 run), the projected minutes for all 1,319 test problems, and last
 `speedup=<x> problems_per_s=<y> agree=<a>/<b> full_test_min=<z>` (b over a; b; 8-shot).
 
-    make bench-eval            # or: PYTHONPATH=src .venv/bin/python bench/bench_eval.py --n 200
+    make bench-eval            # or: PYTHONPATH=src .venv/bin/python bench/bench_eval.py --n 200 [--backend vllm]
 """
 
 from __future__ import annotations
@@ -158,11 +159,14 @@ def main() -> None:
     parser.add_argument("--shots", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--dtype", default="auto", help="auto: bfloat16 where the hardware has it, else float32")
+    parser.add_argument("--backend", default="mathtune", help="what generates in (b) and (c): eval.backend")
     args = parser.parse_args()
 
     overrides = [f"model.name={PACKAGED_GEMMA}", f"model.dtype={args.dtype}", f"eval.limit={args.n}",
-                 f"eval.shots={args.shots}", f"eval.max_new_tokens={args.max_new_tokens}"]
+                 f"eval.shots={args.shots}", f"eval.max_new_tokens={args.max_new_tokens}",
+                 f"eval.backend={args.backend}"]
     config = load_config("cpu-demo", overrides)
+    config.eval.check_backend_installed()  # before (a)'s minutes, not after
     dataset = data_module.load_dataset(config.data)
     problems, train = evaluation_problems(config, dataset)
     examples = choose_fewshot_examples(train, args.shots, config.eval.seed)
