@@ -114,11 +114,11 @@ def logit_gap(models: list, tokenizer, prompt: str, ids: list[int], text: str, b
             piece = tokenizer.decode([c], skip_special_tokens=True)
             ends_here = not rest and c in tokenizer.all_special_ids
             if c != ids[t] and (ends_here or piece and rest.startswith(piece) and start + len(piece) > char):
-                gaps = ", ".join(f"{dtype_name(m)} {l[t - first, ids[t]] - l[t - first, c]:+.3f}"
-                                 for m, l in zip(models, logits))
+                gaps = [(l[t - first, ids[t]] - l[t - first, c]).item() for l in logits]
+                shown = ", ".join(f"{dtype_name(m)} {gap:+.3f}" for m, gap in zip(models, gaps))
                 return (f"token {t}: generate {tokenizer.decode([ids[t]])!r}, the other {tokenizer.decode([c])!r} "
                         f"(rank {candidates.index(c) + 1} in {dtype_name(models[0])}); logit gap, generate's token "
-                        f"less the other's: {gaps}"), (logits[0][t - first, ids[t]] - logits[0][t - first, c]).item()
+                        f"less the other's: {shown}"), gaps[0]
     return (f"token {parted}: generate {tokenizer.decode([ids[parted]])!r}; the other text's token is not among "
             f"the {top} largest {dtype_name(models[0])} logits of tokens {first} to {parted}"), None
 
