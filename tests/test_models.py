@@ -105,15 +105,15 @@ def test_load_vllm_hands_vllm_the_model_or_the_adapter_merged_into_the_workdir(t
     loaded = []
     monkeypatch.setattr(vllm_engine, "load_engine", lambda *args: loaded.append(args) or "engine")
     assert load_vllm(TINY_RANDOM, "float32", seed=3) == "engine"
-    assert loaded[-1] == (resolve_model_path(TINY_RANDOM), "float32", None, 3)
+    assert loaded[-1] == (resolve_model_path(TINY_RANDOM), "float32", None, 3, None)
 
     torch.manual_seed(0)
     config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"], init_lora_weights=False)
     get_peft_model(load_model(TINY_RANDOM, "float32"), config).save_pretrained(tmp_path / "adapter")
     with pytest.raises(ValueError, match="workdir"):
         load_vllm(TINY_RANDOM, "float32", adapter=tmp_path / "adapter")
-    load_vllm(TINY_RANDOM, "float32", adapter=tmp_path / "adapter", workdir=tmp_path / "merged")
-    assert loaded[-1] == (str(tmp_path / "merged"), "float32", None, 0)
+    load_vllm(TINY_RANDOM, "float32", adapter=tmp_path / "adapter", workdir=tmp_path / "merged", max_rows=8)
+    assert loaded[-1] == (str(tmp_path / "merged"), "float32", None, 0, 8)
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)
     tuned = load_model(TINY_RANDOM, "float32", adapter=tmp_path / "adapter", merge_adapter=True)
     base = load_model(TINY_RANDOM, "float32")

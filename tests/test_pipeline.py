@@ -143,8 +143,8 @@ def test_the_vllm_backend_evaluates_the_tuned_model_merged_into_a_workdir_that_g
                         lambda name, *rest: object() if name == "vllm" else find_spec(name, *rest))
     calls = []
 
-    def fake_load_vllm(name, dtype, revision, adapter, workdir, seed):
-        calls.append((name, adapter, workdir, workdir.is_dir()))
+    def fake_load_vllm(name, dtype, revision, adapter, workdir, seed, max_rows):
+        calls.append((name, adapter, workdir, workdir.is_dir(), max_rows))
         return "engine"
 
     def fake_generate(engine, prompts, max_new_tokens, stop):
@@ -153,12 +153,12 @@ def test_the_vllm_backend_evaluates_the_tuned_model_merged_into_a_workdir_that_g
 
     monkeypatch.setattr(pipeline, "load_vllm", fake_load_vllm)
     monkeypatch.setattr(evaluate.vllm_engine, "generate", fake_generate)
-    config = load_config(tiny_run_dir / "config.yaml", ["eval.backend=vllm"])
+    config = load_config(tiny_run_dir / "config.yaml", ["eval.backend=vllm", "eval.batch_size=3"])
     adapter = tiny_run_dir / "adapter"
     scores = pipeline.run_evaluation(config, data.load_dataset(config.data), tmp_path / "eval", config.model.name,
                                      adapter, 0)
-    [(name, given, workdir, existed)] = calls
-    assert (name, given, existed) == (config.model.name, adapter, True) and not workdir.exists()
+    [(name, given, workdir, existed, rows)] = calls
+    assert (name, given, existed, rows) == (config.model.name, adapter, True, 3) and not workdir.exists()
     assert scores["backend"] == "vllm" and scores["generated_problems"] == scores["n"] > 0
 
 

@@ -148,7 +148,7 @@ class EvalConfig:
     max_new_tokens: int = 256
     # mathtune: mathtune.generation, on any device; vllm: vLLM's engine, where vLLM is installed (a GPU it supports)
     backend: str = "mathtune"
-    batch_size: int | None = None  # rows decoded at once (backend mathtune); null: chosen from the device, free memory
+    batch_size: int | None = None  # rows decoded at once (vLLM: max_num_seqs); null: from the device and free memory
     seed: int = 1234
     generate_every: int = 1  # exact match during training at every Nth evaluation (the Nth, 2Nth, ...); 0: never
     generate_subset: int = 20  # on a fixed, seeded subset of this many validation problems

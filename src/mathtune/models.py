@@ -118,8 +118,9 @@ def load_model(name: str, dtype: str = "auto", revision: str | None = None, adap
 
 
 def load_vllm(name: str, dtype: str = "auto", revision: str | None = None, adapter: str | Path | None = None,
-              workdir: Path | None = None, seed: int = 0):
-    """A vLLM engine (mathtune.generation.vllm_engine) over the model, for `eval.backend: vllm`.
+              workdir: Path | None = None, seed: int = 0, max_rows: int | None = None):
+    """A vLLM engine (mathtune.generation.vllm_engine) over the model, for `eval.backend: vllm`; max_rows
+    (eval.batch_size) bounds the sequences a step decodes.
 
     With an adapter, the model with the adapter merged (the same merge_and_unload as load_model's) and its
     tokenizer are saved into workdir first and vLLM loads that: the evaluation then runs the same
@@ -139,7 +140,7 @@ def load_vllm(name: str, dtype: str = "auto", revision: str | None = None, adapt
     if torch.cuda.is_available():  # vLLM sizes its cache from the GPU memory free now: return torch's cached blocks
         gc.collect()
         torch.cuda.empty_cache()
-    return vllm_engine.load_engine(path, str(torch_dtype).removeprefix("torch."), revision, seed)
+    return vllm_engine.load_engine(path, str(torch_dtype).removeprefix("torch."), revision, seed, max_rows)
 
 
 def adapter_base_model(adapter_dir: Path) -> str:

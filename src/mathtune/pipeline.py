@@ -63,7 +63,7 @@ def run_evaluation(
         def load() -> tuple:
             if config.eval.backend == "vllm":
                 return load_vllm(model_name, config.model.dtype, config.model.revision, adapter, Path(workdir),
-                                 config.eval.seed), None
+                                 config.eval.seed, config.eval.batch_size), None
             return (load_model(model_name, config.model.dtype, config.model.revision, adapter=adapter,
                                merge_adapter=True),
                     load_tokenizer(model_name, config.model.revision))

@@ -57,10 +57,11 @@ def test_generate_hands_back_every_prompt_in_order_chunk_by_chunk(fake_vllm):
     assert [call[0] for call in engine.calls] == [["p0", "p1"], ["p2", "p3"], ["p4"]]
 
 
-def test_load_engine_turns_on_prefix_caching(fake_vllm):
+def test_load_engine_turns_on_prefix_caching_and_bounds_the_rows_when_asked(fake_vllm):
     engine = vllm_engine.load_engine("/models/m", "bfloat16", None, 7)
     assert engine.kwargs == {"model": "/models/m", "tokenizer": "/models/m", "revision": None, "dtype": "bfloat16",
                              "seed": 7, "enable_prefix_caching": True}
+    assert vllm_engine.load_engine("/models/m", "bfloat16", max_rows=64).kwargs["max_num_seqs"] == 64
 
 
 def test_without_vllm_the_error_says_what_to_do(monkeypatch):

@@ -23,8 +23,9 @@ class VLLMUnavailable(ImportError):
     """vLLM is not installed (or cannot be imported); the message says what to do."""
 
 
-def load_engine(path: str, dtype: str, revision: str | None = None, seed: int = 0):
-    """A vllm.LLM over a Hugging Face model directory or Hub id; the tokenizer comes from the same place."""
+def load_engine(path: str, dtype: str, revision: str | None = None, seed: int = 0, max_rows: int | None = None):
+    """A vllm.LLM over a Hugging Face model directory or Hub id; the tokenizer comes from the same place.
+    max_rows: the most sequences a step decodes (vLLM's max_num_seqs; None: vLLM's default)."""
     try:
         from vllm import LLM
     except ImportError as exc:
@@ -32,7 +33,9 @@ def load_engine(path: str, dtype: str, revision: str | None = None, seed: int = 
             f"eval.backend is vllm, but vLLM cannot be imported here ({exc}). Install it on a machine with a "
             "GPU it supports (pip install vllm), or use eval.backend: mathtune."
         ) from exc
-    return LLM(model=path, tokenizer=path, revision=revision, dtype=dtype, seed=seed, enable_prefix_caching=True)
+    rows = {} if max_rows is None else {"max_num_seqs": max_rows}
+    return LLM(model=path, tokenizer=path, revision=revision, dtype=dtype, seed=seed, enable_prefix_caching=True,
+               **rows)
 
 
 def generate(engine, prompts: list[str], max_new_tokens: int, stop: tuple[str, ...],
