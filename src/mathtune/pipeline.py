@@ -56,7 +56,8 @@ def run_evaluation(
     examples = fewshot_examples(config, dataset, problems, train, shots)
     kind = f"{model_name} + adapter {adapter}" if adapter else model_name
     print(f"Evaluating {kind} on {len(problems)} {split} problems ({shots}-shot, greedy, up to "
-          f"{config.eval.max_new_tokens} new tokens, protocol {config.eval.protocol})...", flush=True)
+          f"{config.eval.max_new_tokens} new tokens, protocol {config.eval.protocol}, "
+          f"backend {config.eval.backend})...", flush=True)
 
     with tempfile.TemporaryDirectory(prefix="mathtune-merged-") as workdir:  # vLLM's merged model, if any
 
