@@ -50,3 +50,19 @@ def summary_lookup(summary: dict, dotted: str):
         assert part in node, f"summary lacks {dotted}"
         node = node[part]
     return node
+
+
+@pytest.fixture
+def vllm_installed(monkeypatch):
+    """Call with True or False: from then on the vllm package looks installed or missing to find_spec
+    (every other package as it is)."""
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+
+    def pretend(installed: bool) -> None:
+        monkeypatch.setattr(importlib.util, "find_spec",
+                            lambda name, *rest: (object() if installed else None) if name == "vllm"
+                            else find_spec(name, *rest))
+
+    return pretend

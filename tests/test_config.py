@@ -107,18 +107,14 @@ def test_the_protocol_is_set_from_the_command_line(capsys):
     assert "eval.protocol must be one of" in capsys.readouterr().err
 
 
-def test_the_vllm_backend_needs_vllm_and_is_named_in_the_error(monkeypatch, capsys, tmp_path):
-    import importlib.util
-
+def test_the_vllm_backend_needs_vllm_and_is_named_in_the_error(vllm_installed, capsys, tmp_path):
     from mathtune.cli import main
 
     assert load_config("tiny").eval.backend == "mathtune"
     with pytest.raises(ConfigError, match=r"eval.backend must be one of \['mathtune', 'vllm'\], got 'vlm' "
                                           r"\(did you mean 'vllm'\?\)"):
         load_config("tiny", ["eval.backend=vlm"])
-    find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *rest: None if name == "vllm" else find_spec(name, *rest))
+    vllm_installed(False)
     config = load_config("tiny", ["eval.backend=vllm"])  # a run made with vLLM elsewhere still loads
     with pytest.raises(ConfigError, match="eval.backend is vllm, but the vllm package is not installed"):
         config.eval.check_backend_installed()
@@ -128,6 +124,5 @@ def test_the_vllm_backend_needs_vllm_and_is_named_in_the_error(monkeypatch, caps
     assert "use eval.backend: mathtune" in capsys.readouterr().err and not out.exists()
     assert main(["run", "--preset", "tiny", "--set", "eval.backend=vllm", "--output-dir", str(tmp_path)]) == 2
     assert "use eval.backend: mathtune" in capsys.readouterr().err and list(tmp_path.iterdir()) == []
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *rest: object() if name == "vllm" else find_spec(name, *rest))
+    vllm_installed(True)
     load_config("tiny", ["eval.backend=vllm"]).eval.check_backend_installed()

@@ -132,15 +132,12 @@ def test_a_finished_evaluation_is_scored_again_without_loading_the_model(tiny_ru
 
 
 def test_the_vllm_backend_evaluates_the_tuned_model_merged_into_a_workdir_that_goes(tiny_run_dir, gsm8k_dir,
-                                                                                   tmp_path, monkeypatch):
-    import importlib.util
-
+                                                                                   tmp_path, monkeypatch,
+                                                                                   vllm_installed):
     from mathtune import data, evaluate, pipeline
     from mathtune.config import load_config
 
-    find_spec = importlib.util.find_spec  # as if vLLM were installed
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *rest: object() if name == "vllm" else find_spec(name, *rest))
+    vllm_installed(True)
     calls = []
 
     def fake_load_vllm(name, dtype, revision, adapter, workdir, seed, max_rows):
