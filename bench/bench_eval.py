@@ -84,31 +84,33 @@ def parting(tokenizer, ids: list[int], text: str) -> tuple[int, int] | None:
         return None
     char = len(os.path.commonprefix([ours, other]))
     for t in range(len(ids)):
-        if ids[t] in tokenizer.all_special_ids or len(tokenizer.decode(ids[: t + 1], skip_special_tokens=True)) > char:
+        special = ids[t] in tokenizer.all_special_ids  # an EOS that ends generate's text early
+        if special or len(tokenizer.decode(ids[: t + 1], skip_special_tokens=True)) > char:
             return char, t
     return char, len(ids)
 
 
-def logit_gap(models: list, tokenizer, prompt: str, ids: list[int], text: str, back: int = 3,
-              top: int = 20) -> tuple[str, float | None]:
+def logit_gap(models: list, tokenizer, prompt: str, ids: list[int], text: str, where: tuple[int, int],
+              back: int = 3, top: int = 20) -> tuple[str, float | None]:
     """Where `text` leaves generate's `ids`: generate's token there, the other text's, and the gap between
     their logits in each of `models` (one forward each over the prompt and generate's tokens); the
-    message and the first model's gap (None where the other token is not found).
+    message and the first model's gap (None where the other token is not found). where: parting()'s result.
 
     The other text's tokens are not kept, so its token is looked for: at the earliest of the `back` tokens
     before the parting one (a token boundary may differ: ' ' then '1' against ' <<'), the first of the
     first model's `top` largest logits, other than generate's, whose text continues the other text past
     the first differing character."""
-    char, parted = parting(tokenizer, ids, text)
+    char, parted = where
     if parted == len(ids):
         return f"generate's text ends at max_new_tokens where the other goes on (character {char})", None
     first = max(0, parted - back)
     context = torch.tensor([tokenizer(prompt)["input_ids"] + ids[:parted]])
     with torch.no_grad():  # the logits that choose tokens first .. parted
         logits = [m(context.to(m.device), logits_to_keep=parted - first + 1).logits[0].float().cpu() for m in models]
+    kept = RULE.kept(text)
     for t in range(first, parted + 1):
         start = len(tokenizer.decode(ids[:t], skip_special_tokens=True))
-        rest = RULE.kept(text)[start:]
+        rest = kept[start:]
         candidates = logits[0][t - first].topk(top).indices.tolist()
         for c in candidates:
             piece = tokenizer.decode([c], skip_special_tokens=True)
@@ -221,8 +223,9 @@ def main() -> None:
         for label, texts in (("(b)", ours), ("(d)", batched)):
             gaps = []
             for i, (prompt, ids, text) in enumerate(zip(prompts, base_ids, texts)):
-                if parting(tokenizer, ids, text) is not None:
-                    message, gap = logit_gap(models, tokenizer, prompt, ids, text)
+                where = parting(tokenizer, ids, text)
+                if where is not None:
+                    message, gap = logit_gap(models, tokenizer, prompt, ids, text, where)
                     gaps.append(abs(gap) if gap is not None else float("inf"))
                     print(f"{label} problem {i}, {message}", flush=True)
             if gaps:

@@ -1,6 +1,6 @@
 """The vLLM glue (mathtune.generation.vllm_engine) against a stand-in `vllm` module: what it asks the
 engine for, the order and chunks it hands results back in, and the error where vLLM is missing.
-vLLM itself needs a GPU it supports; its answers against the mathtune backend are measured there."""
+vLLM itself needs a GPU it supports; its answers against the mathtune backend can only be measured there."""
 
 from __future__ import annotations
 
