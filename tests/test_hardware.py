@@ -18,6 +18,13 @@ def test_cpu_facts_reads_the_first_model_name_and_flags():
     assert flags == {"fpu", "sse2", "avx2", "fma", "avx512f", "avx512bw", "avx512_bf16", "avx512_vnni"}
 
 
+def test_cpu_facts_names_the_family_and_model_numbers_where_given():
+    numbered = CPUINFO.replace("vendor_id\t: AuthenticAMD\n", "vendor_id\t: AuthenticAMD\ncpu family\t: 26\nmodel\t\t: 2\n", 1)
+    model, flags = cpu_facts(numbered)
+    assert model == "AMD EPYC 9R14 96-Core Processor (family 26, model 2)"
+    assert "avx512_bf16" in flags
+
+
 def test_cpu_facts_of_a_text_without_them_is_empty():
     assert cpu_facts("processor\t: 0\n") == ("", set())
 
