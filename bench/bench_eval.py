@@ -115,7 +115,7 @@ def logit_gap(models: list, tokenizer, prompt: str, ids: list[int], text: str, w
         for c in candidates:
             piece = tokenizer.decode([c], skip_special_tokens=True)
             ends_here = not rest and c in tokenizer.all_special_ids
-            if c != ids[t] and (ends_here or piece and rest.startswith(piece) and start + len(piece) > char):
+            if c != ids[t] and (ends_here or continues_other(piece, start, rest, char, t == parted)):
                 gaps = [(l[t - first, ids[t]] - l[t - first, c]).item() for l in logits]
                 shown = ", ".join(f"{dtype_name(m)} {gap:+.3f}" for m, gap in zip(models, gaps))
                 return (f"token {t}: generate {tokenizer.decode([ids[t]])!r}, the other {tokenizer.decode([c])!r} "
@@ -123,6 +123,20 @@ def logit_gap(models: list, tokenizer, prompt: str, ids: list[int], text: str, w
                         f"less the other's: {shown}"), gaps[0]
     return (f"token {parted}: generate {tokenizer.decode([ids[parted]])!r}; the other text's token is not among "
             f"the {top} largest {dtype_name(models[0])} logits of tokens {first} to {parted}"), None
+
+
+def continues_other(piece: str, start: int, rest: str, char: int, at_parting: bool) -> bool:
+    """Whether a token whose text is `piece`, placed at character `start`, is the other text's token there.
+
+    rest: the other text from `start`; char: the first character where the texts differ. The token must
+    begin the rest and reach the difference: past it, or (at generate's parting token, which runs past
+    it) exactly to it, where the other text has a token boundary that generate's longer token does not
+    (' The' then ' total' against generate's ' They'). Earlier tokens ending at the difference are
+    generate's own text in other pieces, not a choice."""
+    if not piece or not rest.startswith(piece):
+        return False
+    end = start + len(piece)
+    return end > char or (at_parting and end == char)
 
 
 def dtype_name(model) -> str:
