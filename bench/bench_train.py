@@ -7,7 +7,7 @@ of optimizer steps, each in its own process:
 (a) TRL: SFTTrainer + PEFT LoraConfig on a prompt/completion dataset, TRL's defaults kept (padded
     batches, gradient checkpointing, TRL's LM head over every position on a CPU, max_length 1024),
     except the dtype: both sides take what mathtune's `dtype: auto` picks for the machine (TRL's
-    default bf16 is emulated, and slow, on a CPU without AVX-512 BF16).
+    default bf16 is emulated, and slow, on a CPU without AVX-512 BF16), or --dtype for both.
 (b) `mathtune train` (mathtune.cli.main), with its defaults.
 
 Then another process scores both adapters the same way: the mean token loss on the training problems,
@@ -79,10 +79,10 @@ def train_with_trl(args, problems: list[dict], out: Path, name: str = "trl") -> 
     from mathtune.config import load_config
 
     config = load_config("cpu-demo")
-    dtype = resolve_dtype("auto")
+    dtype = resolve_dtype(args.dtype)
     # as the documentation loads it: without mathtune.models.load_tokenizer's freeing of the construction copies
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(args.model))
-    model = load_model(args.model, "auto")
+    model = load_model(args.model, args.dtype)
     dataset = Dataset.from_list(
         [{"prompt": format_prompt(p["question"]), "completion": format_completion(p["answer"])} for p in problems]
     )
@@ -141,7 +141,7 @@ def train_with_mathtune(args, problems: list[dict], out: Path, name: str) -> dic
         "--set", f"train.batch_size={args.batch_size}", "--set", "train.logging_steps=1",
         "--set", "train.eval_steps=1000000", "--set", "train.early_stopping_patience=null",
         "--set", "eval.generate_every=0",
-        "--set", f"train.seed={SEED}", "--set", f"data.seed={SEED}",
+        "--set", f"train.seed={SEED}", "--set", f"data.seed={SEED}", "--set", f"model.dtype={args.dtype}",
         *[option for setting in args.mathtune_set for option in ("--set", setting)],
     ])
     if code != 0:
@@ -162,7 +162,7 @@ def score_adapters(args, problems: list[dict], adapters: list[str]) -> dict:
     examples = [tokenize_example(tokenizer, p["question"], p["answer"]) for p in problems]
     losses = []
     for adapter in adapters:
-        model = load_model(args.model, "auto", adapter=adapter)
+        model = load_model(args.model, args.dtype, adapter=adapter)
         loss_sum, n_tokens = 0.0, 0
         with torch.no_grad():
             for example in examples:
@@ -194,7 +194,7 @@ def child(args) -> None:
         result = train_with_mathtune(args, problems, out, args.name)
     elif args.side == "prepare":  # the model directories both sides load, made before either is measured
         result = {"model_dirs": [resolve_model_path(args.model, dtype)
-                                 for dtype in (torch.float32, resolve_dtype("auto"))]}
+                                 for dtype in (torch.float32, resolve_dtype(args.dtype))]}
     else:
         result = score_adapters(args, problems, args.adapters)
     result["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
@@ -227,7 +227,7 @@ def matmul_peak_gflops(dtype: torch.dtype, device: str, seconds: float = 1.0) ->
     return best
 
 
-def random_model_dir(shape: str, tokenizer_dir: str, work: Path) -> str:
+def random_model_dir(shape: str, tokenizer_dir: str, work: Path, dtype: str = "auto") -> str:
     """A randomly initialised model of a named shape, saved with a tokenizer under `work`, for throughput runs."""
     from transformers import AutoTokenizer, GemmaConfig, GemmaForCausalLM
 
@@ -240,7 +240,7 @@ def random_model_dir(shape: str, tokenizer_dir: str, work: Path) -> str:
     torch.manual_seed(SEED)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     with torch.device(device):
-        model = GemmaForCausalLM(config).to(resolve_dtype("auto"))
+        model = GemmaForCausalLM(config).to(resolve_dtype(dtype))
     print(f"built a random {shape}-shape model: {sum(p.numel() for p in model.parameters()) / 1e9:.2f} B weights, "
           f"vocabulary {len(tokenizer)}", flush=True)
     return str(save_model_dir(model, tokenizer, target))
@@ -250,7 +250,7 @@ def run_child(args, side: str, problems_file: str, *extra: str) -> dict:
     result = Path(args.work) / f"result-{side}-{Path(problems_file).stem}.json"
     command = [sys.executable, __file__, "--side", side, "--work", args.work, "--model", args.model,
                "--problems-file", problems_file, "--result", str(result), "--epochs", str(args.epochs),
-               "--batch-size", str(args.batch_size), *[f"--mathtune-set={s}" for s in args.mathtune_set], *extra]
+               "--batch-size", str(args.batch_size), "--dtype", args.dtype, *[f"--mathtune-set={s}" for s in args.mathtune_set], *extra]
     print(f"... {side} on {problems_file}", flush=True)
     paths = [str(Path(__file__).resolve().parents[1] / "src"), os.environ.get("PYTHONPATH")]
     subprocess.run(command, check=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, paths))})
@@ -274,6 +274,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--tolerance", type=float, default=0.02, help="relative loss agreement required")
     parser.add_argument("--work", default="runs/bench-train")
+    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+                        help="both sides' dtype (default: what mathtune's model.dtype auto picks here); float32 "
+                             "measures a float32-only CPU's code path on any CPU")
     parser.add_argument("--mathtune-set", action="append", default=[], metavar="KEY=VALUE",
                         help="a config override for (b), e.g. train.gradient_checkpointing=true (repeatable)")
     parser.add_argument("--side", choices=["prepare", "trl", "trl-no-cudnn", "mathtune", "score"], help=argparse.SUPPRESS)
@@ -303,13 +306,14 @@ def main() -> None:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = resolve_dtype("auto")
+    dtype = resolve_dtype(args.dtype)
     print(f"machine: {torch.cuda.get_device_name() if device == 'cuda' else 'CPU ' + cpu_kind(*cpu_facts(), os.environ.get('ONEDNN_MAX_CPU_ISA'))}, "
           f"{torch.get_num_threads()} threads, dtype {str(dtype).removeprefix('torch.')}", flush=True)
     peak = matmul_peak_gflops(dtype, device)
     print(f"measured matrix-multiply peak: {peak:.1f} GFLOP/s", flush=True)
     if args.random_shape:
-        args.model = random_model_dir(args.random_shape, args.tokenizer or resolve_model_path(PACKAGED_GEMMA), work)
+        args.model = random_model_dir(args.random_shape, args.tokenizer or resolve_model_path(PACKAGED_GEMMA), work,
+                                      args.dtype)
 
     sizes = write_problem_files(args.problems, work)
     # On a fresh machine the packaged model is converted once (about a minute and 2 GB of memory): in a process
