@@ -62,6 +62,25 @@ def test_eval_of_a_run_directory_uses_its_adapter_zero_shot(tiny_run_dir, gsm8k_
     assert scores["adapter"].endswith("adapter") and scores["shots"] == 0 and scores["n"] == 3
 
 
+def test_eval_of_a_base_model_writes_where_name_says(gsm8k_dir, tmp_path, capsys):
+    args = ["eval", "--preset", "tiny", "--model", "tiny-random", "--data", str(gsm8k_dir), "--limit", "2",
+            "--shots", "0", "--output-dir", str(tmp_path), "--name", "zero-shot"]
+    assert main(args) == 0
+    assert json.loads((tmp_path / "zero-shot" / "scores.json").read_text())["shots"] == 0
+    assert not (tmp_path / "eval-tiny-random").exists()
+    assert main([*args, "--robustness", "2"]) == 0
+    assert json.loads((tmp_path / "zero-shot-robustness" / "scores.json").read_text())["n"] == 2
+
+
+def test_eval_of_an_adapter_directory_refuses_a_name(tiny_run_dir, gsm8k_dir, tmp_path, capsys):
+    import shutil
+
+    adapter = shutil.copytree(tiny_run_dir / "adapter", tmp_path / "my-adapter")
+    assert main(["eval", "--preset", "tiny", "--model", str(adapter), "--data", str(gsm8k_dir), "--limit", "2",
+                 "--output-dir", str(tmp_path), "--name", "x"]) == 2
+    assert "--out DIR" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
 def test_report_rerenders_from_the_run_directory_alone(tiny_run_dir):
     (tiny_run_dir / "report.html").unlink()
     assert main(["report", str(tiny_run_dir)]) == 0

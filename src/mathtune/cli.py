@@ -80,6 +80,11 @@ def cmd_eval(args: argparse.Namespace) -> None:
     run_dir = run_dir_of(args.model)
     config = run_config(run_dir, args) if run_dir else config_from_args(args)
     base, adapter, default_out = resolve_eval_target(args.model, config)
+    if args.name and run_dir is None:  # --name names this evaluation's directory under --output-dir
+        if adapter is not None:
+            raise ConfigError(f"--name {args.name}: an adapter's evaluation goes beside it, in "
+                              f"{default_out}; write it elsewhere with --out DIR")
+        default_out = config.run_dir
     if args.split:
         config.eval.split = args.split
     if args.limit is not None:
