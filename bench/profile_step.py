@@ -210,6 +210,31 @@ def parts(p: Profile, weight) -> None:
 
     p.show("LM head forward + backward: TRL's, every position (as on a CPU)", trl_head_alone)
     p.show("LM head forward + backward: ours, loss-bearing positions", our_head_alone)
+    keep_masks_side_by_side(p)
+
+
+def keep_masks_side_by_side(p: Profile) -> None:
+    """The LoRA keep-masks applied as a step applies them (each LoRA input, forward and backward), with
+    torch.where (mathtune up to 54be717) and as a 0/1 factor (mathtune.speedups.dropout.as_factor)."""
+    from mathtune.speedups.dropout import as_factor
+
+    config = p.causal_lm.config.get_text_config()
+    tokens, width, dtype = p.n_tokens, config.hidden_size, p.causal_lm.dtype
+    attention = config.num_attention_heads * config.head_dim
+    widths = [width] * 5 + [attention, config.intermediate_size]  # q, k, v, gate, up read the hidden state
+    inputs = [torch.randn(tokens, w, dtype=dtype) for w in widths]
+    masks = [torch.rand(tokens, w) >= 0.1 for w in widths]
+
+    def apply(mask_with):
+        def run():
+            for _ in range(config.num_hidden_layers):
+                for x, keep in zip(inputs, masks):
+                    mask_with(x, keep), mask_with(x, keep)  # forward, and backward on a gradient of x's shape
+        return run
+
+    where = p.show("keep-masks, one step's: torch.where", apply(lambda x, keep: torch.where(keep, x, 0.0)))
+    factor = p.show("keep-masks, one step's: times as_factor", apply(lambda x, keep: x * as_factor(keep, x.dtype)))
+    print(f"keep-masks: as_factor {where / factor:.2f}x as fast as torch.where")
 
 
 def main() -> None:
@@ -220,6 +245,7 @@ def main() -> None:
     parser.add_argument("--random-shape", choices=["gemma-2b"], help="a randomly initialised model of this shape")
     parser.add_argument("--tokenizer", help="tokenizer directory for --random-shape (default: the packaged Gemma's)")
     parser.add_argument("--work", default="runs/bench-train", help="where --random-shape saves its model")
+    parser.add_argument("--keep-masks-only", action="store_true", help="only the keep-masks' side-by-side")
     parser.add_argument("--trace", help="write torch.profiler's operator table of mathtune's step here")
     args = parser.parse_args()
     speedups.memory.bound_matmul_cache()  # as mathtune train, before the first product
@@ -229,6 +255,8 @@ def main() -> None:
         args.model = random_model_dir(args.random_shape, args.tokenizer or resolve_model_path(PACKAGED_GEMMA),
                                       Path(args.work))
     profile = Profile(args)
+    if args.keep_masks_only:
+        return keep_masks_side_by_side(profile)
     parts(profile, whole_steps(profile, args.trace))
 
 

@@ -4,7 +4,8 @@ gradients the same way."""
 import pytest
 import torch
 
-from mathtune.speedups.dropout import UniformDropout, dropped_share, keep_mask, pack_mask, unpack_mask, use_uniform_dropout
+from mathtune.speedups.dropout import (UniformDropout, as_factor, dropped_share, keep_mask, pack_mask, unpack_mask,
+                                       use_uniform_dropout)
 from mathtune.models import TINY_RANDOM, load_model
 
 
@@ -87,3 +88,24 @@ def test_packed_bits_are_in_order():
     keep = torch.zeros(16, dtype=torch.bool)
     keep[[0, 3, 9, 15]] = True
     assert pack_mask(keep).tolist() == [0b00001001, 0b10000010]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_mask_as_a_factor_keeps_or_zeroes_each_value(dtype):
+    x = torch.tensor([[1.5, -2.0, 3.25], [0.0, 7.0, -0.5]], dtype=dtype)
+    keep = torch.tensor([[True, False, True], [False, True, False]])
+    factor = as_factor(keep, dtype)
+    assert factor.dtype == dtype and factor.tolist() == [[1, 0, 1], [0, 1, 0]]
+    assert (x * factor).tolist() == [[1.5, 0.0, 3.25], [0.0, 7.0, 0.0]]
+    unpacked = unpack_mask(pack_mask(keep), keep.shape)  # a view into wider integers, as backward reads it
+    assert torch.equal(x * as_factor(unpacked, dtype), torch.where(keep, x, 0.0))
+
+
+def test_dropout_backward_passes_the_gradient_where_kept_only():
+    torch.manual_seed(0)
+    dropout = UniformDropout(0.5).train()
+    x = torch.ones(4, 64, requires_grad=True)
+    y = dropout(x)
+    y.sum().backward()
+    scale = 1 / (1 - dropped_share(0.5))
+    assert torch.equal(x.grad, (y != 0).float() * scale) and 0 < int((y != 0).sum()) < x.numel()

@@ -67,17 +67,25 @@ def unpack_mask(bits: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     return spread.view(torch.bool)[: math.prod(shape)].view(shape)
 
 
+def as_factor(keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean mask as 1s and 0s of `dtype`, to multiply by: x * as_factor(keep) is x where kept, else 0.
+
+    Read as bytes and converted, not given to `torch.where` or multiplied as booleans: on CPUs both of
+    those take a slow path (several times one conversion pass plus one product; bench/RESULTS.md)."""
+    return keep.view(torch.uint8).to(dtype)
+
+
 class _KeepAndScale(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, keep, scale):
         ctx.save_for_backward(pack_mask(keep))
         ctx.scale = scale
-        return torch.where(keep, x, 0.0).mul_(scale)  # where: a float-by-bool product converts the mask first
+        return x.mul(as_factor(keep, x.dtype)).mul_(scale)
 
     @staticmethod
     def backward(ctx, grad):
         (bits,) = ctx.saved_tensors
-        return torch.where(unpack_mask(bits, grad.shape), grad, 0.0).mul_(ctx.scale), None, None
+        return grad.mul(as_factor(unpack_mask(bits, grad.shape), grad.dtype)).mul_(ctx.scale), None, None
 
 
 class UniformDropout(torch.nn.Dropout):

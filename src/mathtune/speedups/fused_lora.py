@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from mathtune.speedups.compact_weights import base_output
-from mathtune.speedups.dropout import UniformDropout, dropped_share, keep_mask, pack_mask, unpack_mask
+from mathtune.speedups.dropout import UniformDropout, as_factor, dropped_share, keep_mask, pack_mask, unpack_mask
 
 
 class LoraBranch(torch.autograd.Function):
@@ -73,13 +73,12 @@ def lora_grads(flat_grad, flat_x, kept, keep_scale, low_rank, lora_a, lora_b, sc
     if want_x:
         grad_x = (grad_low_rank * keep_scale) @ lora_a
         if keep is not None:
-            grad_x.mul_(keep)
+            grad_x.mul_(as_factor(keep, grad_x.dtype))
     return grad_x, grad_a, grad_b
 
 
 def _masked(x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
-    # where, not mul: a float-by-bool product first converts the mask to floats, a pass more over the input's size
-    return x if keep is None else torch.where(keep, x, 0.0)
+    return x if keep is None else x * as_factor(keep, x.dtype)
 
 
 def _plain_lora_adapter(layer, args, kwargs) -> str | None:
