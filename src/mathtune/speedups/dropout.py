@@ -71,7 +71,8 @@ def as_factor(keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """A boolean mask as 1s and 0s of `dtype`, to multiply by: x * as_factor(keep) is x where kept, else 0.
 
     Read as bytes and converted, not given to `torch.where` or multiplied as booleans: on CPUs both of
-    those take a slow path (several times one conversion pass plus one product; bench/RESULTS.md)."""
+    those take a slow path (several times one conversion pass plus one product; bench/RESULTS.md). The
+    values are torch.where(keep, x, 0)'s wherever x is finite (a dropped negative value gives -0.0)."""
     return keep.view(torch.uint8).to(dtype)
 
 

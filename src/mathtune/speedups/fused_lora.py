@@ -53,7 +53,7 @@ def add_lora(flat_x, flat_result, lora_a, lora_b, scaling, drop_p):
         keep = keep_mask(flat_x.shape, drop_p, flat_x.device)
         keep_scale = 1 / (1 - dropped_share(drop_p))
     # dropout(x) @ A.T = keep_scale * ((x * keep) @ A.T): the scale goes on the [tokens, r] side
-    low_rank = _masked(flat_x, keep) @ lora_a.t()  # [tokens, r]
+    low_rank = (flat_x if keep is None else flat_x * as_factor(keep, flat_x.dtype)) @ lora_a.t()  # [tokens, r]
     if keep is not None:
         low_rank.mul_(keep_scale)
     flat_result.addmm_(low_rank, lora_b.t(), alpha=scaling)
@@ -62,23 +62,19 @@ def add_lora(flat_x, flat_result, lora_a, lora_b, scaling, drop_p):
 
 def lora_grads(flat_grad, flat_x, kept, keep_scale, low_rank, lora_a, lora_b, scaling, want_x, want_a, want_b):
     """The LoRA branch's gradients for x (its own share), A and B, each None where not wanted."""
-    keep = None if kept is None else unpack_mask(kept, flat_x.shape)
+    factor = None if kept is None else as_factor(unpack_mask(kept, flat_x.shape), flat_x.dtype)  # once, used twice
     grad_low_rank = (flat_grad @ lora_b).mul_(scaling)  # [tokens, r]
     grad_a = grad_b = grad_x = None
     if want_b:
         # as (r x tokens) @ (tokens x out), transposed: the skinny-output layout is much slower on CPUs
         grad_b = (low_rank.t() @ flat_grad).t().mul_(scaling)
     if want_a:
-        grad_a = (grad_low_rank.t() @ _masked(flat_x, keep)).mul_(keep_scale)
+        grad_a = (grad_low_rank.t() @ (flat_x if factor is None else flat_x * factor)).mul_(keep_scale)
     if want_x:
         grad_x = (grad_low_rank * keep_scale) @ lora_a
-        if keep is not None:
-            grad_x.mul_(as_factor(keep, grad_x.dtype))
+        if factor is not None:
+            grad_x.mul_(factor)
     return grad_x, grad_a, grad_b
-
-
-def _masked(x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
-    return x if keep is None else x * as_factor(keep, x.dtype)
 
 
 def _plain_lora_adapter(layer, args, kwargs) -> str | None:
