@@ -250,7 +250,8 @@ def run_child(args, side: str, problems_file: str, *extra: str) -> dict:
     result = Path(args.work) / f"result-{side}-{Path(problems_file).stem}.json"
     command = [sys.executable, __file__, "--side", side, "--work", args.work, "--model", args.model,
                "--problems-file", problems_file, "--result", str(result), "--epochs", str(args.epochs),
-               "--batch-size", str(args.batch_size), "--dtype", args.dtype, *[f"--mathtune-set={s}" for s in args.mathtune_set], *extra]
+               "--batch-size", str(args.batch_size), "--dtype", args.dtype,
+               *[f"--mathtune-set={s}" for s in args.mathtune_set], *extra]
     print(f"... {side} on {problems_file}", flush=True)
     paths = [str(Path(__file__).resolve().parents[1] / "src"), os.environ.get("PYTHONPATH")]
     subprocess.run(command, check=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, paths))})
