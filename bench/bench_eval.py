@@ -38,6 +38,8 @@ import torch
 from bench_train import matmul_peak_gflops
 
 from mathtune import data as data_module
+from mathtune import speedups
+from mathtune.speedups import onednn_attention
 from mathtune.answers import extract_answer
 from mathtune.config import load_config
 from mathtune.data import fewshot_prompt
@@ -190,6 +192,9 @@ def main() -> None:
     peak = matmul_peak_gflops(model.dtype, model.device.type)
     print(f"machine: {torch.cuda.get_device_name() if model.device.type == 'cuda' else 'CPU ' + cpu_kind(*cpu_facts(), os.environ.get('ONEDNN_MAX_CPU_ISA'))}, "
           f"{torch.get_num_threads()} threads", flush=True)
+    kernel = speedups.decoding_attention(model, config.speedups)
+    print("decoding's attention: " + (f"oneDNN {onednn_attention.version()}'s float32-result products "
+                                      "(speedups.onednn_attention)" if kernel else "torch's kernel"), flush=True)
     decoder_flops, head_flops = flops_per_token(model)
     print(f"{len(problems)} GSM8K test problems (seed {config.eval.seed}), {args.shots}-shot, {model.dtype}, "
           f"{model.device}, max_new_tokens={args.max_new_tokens}, threads={torch.get_num_threads()}; "

@@ -18,6 +18,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from mathtune import data as data_module
+from mathtune import speedups
+from mathtune.speedups import onednn_attention  # noqa: F401 (speedups.onednn_attention below)
 from mathtune.config import load_config
 from mathtune.data import fewshot_prompt
 from mathtune.evaluate import choose_fewshot_examples, generate_answers
@@ -54,6 +56,9 @@ def main() -> None:
                         help="decode the N problems with rows in bands (each attending to its keys up to its own "
                              "longest row) and as one band: one decoding step in three states, alternating, then whole "
                              "decodes, bands, one band, bands")
+    parser.add_argument("--compare-attention", action="store_true",
+                        help="decode the N problems with attention from oneDNN's float32-result products and with "
+                             "torch's flash kernel, alternating oneDNN, flash, oneDNN")
     args = parser.parse_args()
     overrides = [f"eval.limit={args.n}", f"eval.shots={args.shots}"]
     if args.max_new_tokens:
@@ -72,6 +77,9 @@ def main() -> None:
     if args.compare_heads:
         compare_heads(model, tokenizer, prompts, config.eval.max_new_tokens, args.batch_size)
         return
+    if args.compare_attention:
+        compare_attention(model, tokenizer, prompts, config.eval.max_new_tokens, args.batch_size)
+        return
     if args.compare_bands:
         bands_side_by_side(model, tokenizer, prompts, args.batch_size or decode.SLOTS_CAP[model.device.type])
         compare_bands(model, tokenizer, prompts, config.eval.max_new_tokens, args.batch_size)
@@ -80,10 +88,10 @@ def main() -> None:
 
     forward = decode._forward
 
-    def stage(model, kv, first, start, inputs, head=None, bands=None):
+    def stage(model, kv, first, start, inputs, head=None, bands=None, attention=None):
         name = ("shared prefix" if kv.prefix_len == 0 and len(kv.layers[0].k) == 1
                 else "prefill of joining problems" if max(map(len, inputs)) > 1 else "decoding steps")
-        return timed(name, forward)(model, kv, first, start, inputs, head, bands)
+        return timed(name, forward)(model, kv, first, start, inputs, head, bands, attention)
 
     decode._forward = stage
     decode.GreedyHead.__call__ = timed("  of which the LM head's argmax", decode.GreedyHead.__call__)
@@ -142,17 +150,18 @@ def head_side_by_side(model, rows: int, repeats: int = 5) -> None:
 def alternate_decodes(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int | None,
                       ways: dict, order: tuple[str, ...]) -> None:
     """Whole decodes of the same prompts, one way after another in `order` (`ways[name]()` sets a way
-    up), in one process: the host's speed drifts, so only neighbouring runs compare. Prints each run's
+    up and may return the speedups.Flags to decode with), in one process: the host's speed drifts, so
+    only neighbouring runs compare. Prints each run's
     time, the ratio of the second way's mean time to the first's, and how many texts the two share (in
     bfloat16 a way can round a near-tie differently, so the tokens generated may differ a little:
     tokens/s is printed beside problems/s)."""
     list(generate_answers(model, tokenizer, prompts[:2], 4, progress=False))  # warm-up
     seconds, texts = collections.defaultdict(list), collections.defaultdict(dict)
     for name in order:
-        ways[name]()
+        flags = ways[name]() or speedups.Flags()
         start, generated = time.perf_counter(), 0
         for i, text, n_tokens in generate_answers(model, tokenizer, prompts, max_new_tokens, batch_size,
-                                                  progress=False):
+                                                  progress=False, speedups_flags=flags):
             texts[name][i] = text
             generated += n_tokens
         elapsed = time.perf_counter() - start
@@ -174,6 +183,16 @@ def compare_heads(model, tokenizer, prompts: list[str], max_new_tokens: int, bat
                           ("8,192-row slices", "65,536-row slices", "8,192-row slices"))
     finally:
         decode.GreedyHead = GreedyHead
+
+
+def compare_attention(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int | None) -> None:
+    """Decoding's attention from oneDNN's float32-result products (speedups.onednn_attention) and torch's
+    flash kernel: whole decodes alternating oneDNN, flash, oneDNN."""
+    if speedups.decoding_attention(model) is None:
+        raise SystemExit(f"oneDNN attention does not run here ({model.dtype}; "
+                         f"{speedups.onednn_attention.why_unavailable() or 'see speedups.decoding_attention'})")
+    ways = {"oneDNN": lambda: speedups.Flags(), "flash": lambda: speedups.Flags(onednn_attention=False)}
+    alternate_decodes(model, tokenizer, prompts, max_new_tokens, batch_size, ways, ("oneDNN", "flash", "oneDNN"))
 
 
 def bands_side_by_side(model, tokenizer, prompts: list[str], rows: int, repeats: int = 6) -> None:
@@ -213,9 +232,9 @@ def bands_side_by_side(model, tokenizer, prompts: list[str], rows: int, repeats:
     attend = shared_prefix._attend
     groups = model.config.num_attention_heads // model.config.num_key_value_heads  # queries a row, a step
 
-    def timed_attend(query, key, value, mask, scale, softcap=None):
+    def timed_attend(query, key, value, mask, scale, softcap=None, kernel=None):
         start = time.perf_counter()
-        result = attend(query, key, value, mask, scale, softcap)
+        result = attend(query, key, value, mask, scale, softcap, kernel)
         if query.shape[2] == groups:  # a band's rows' own keys (the prefix's call holds every row's queries)
             own_seconds[0] += time.perf_counter() - start
         return result

@@ -154,7 +154,7 @@ def test_each_problem_gets_its_own_examples_and_the_protocols_stop_rule(tmp_path
 
     seen = {}
 
-    def fake_generate(model, tokenizer, prompts, max_new_tokens, batch_size, progress, stop_rule):
+    def fake_generate(model, tokenizer, prompts, max_new_tokens, batch_size, progress, stop_rule, speedups_flags):
         seen["prompts"], seen["rule"] = prompts, stop_rule
         for index in range(len(prompts)):
             yield index, " 7.0\n#### 7.0\n", 3
@@ -231,7 +231,8 @@ def test_generation_time_adds_up_across_interrupted_calls(tmp_path, monkeypatch)
     clock = [100.0]
     monkeypatch.setattr(evaluate.time, "perf_counter", lambda: clock[0])
 
-    def fake_generate(model, tokenizer, prompts, max_new_tokens, batch_size, progress, stop_rule, die_after=None):
+    def fake_generate(model, tokenizer, prompts, max_new_tokens, batch_size, progress, stop_rule, speedups_flags,
+                      die_after=None):
         for index in range(len(prompts)):
             if index == die_after:
                 raise KeyboardInterrupt
@@ -252,7 +253,7 @@ def test_generation_time_adds_up_across_interrupted_calls(tmp_path, monkeypatch)
 def test_resuming_with_another_protocol_is_refused(tmp_path, monkeypatch):
     from mathtune import evaluate
 
-    def fake_generate(model, tokenizer, prompts, max_new_tokens, batch_size, progress, stop_rule):
+    def fake_generate(model, tokenizer, prompts, max_new_tokens, batch_size, progress, stop_rule, speedups_flags):
         for index in range(len(prompts)):
             yield index, "#### 7\n", 3
 

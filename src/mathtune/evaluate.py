@@ -29,6 +29,7 @@ from mathtune.data import fewshot_prompt, format_prompt, seeded_subset
 from mathtune.generation import greedy_decode, vllm_engine
 from mathtune.hardware import hardware_name
 from mathtune.runfiles import append_jsonl, read_json, read_jsonl, write_json
+from mathtune.speedups import Flags, decoding_attention
 from mathtune.stopping import STOP_RULES, StopRule
 
 HARNESS_FEWSHOT_SEED = 1234  # lm-evaluation-harness's default fewshot_random_seed
@@ -65,13 +66,14 @@ def trigger_ids(tokenizer, chars: frozenset[str]) -> frozenset[int]:
 
 def generate_answers(
     model, tokenizer, prompts: list[str], max_new_tokens: int = 256, batch_size: int | None = None,
-    progress: bool = True, stop_rule: StopRule = STOP_RULES["mathtune"],
+    progress: bool = True, stop_rule: StopRule = STOP_RULES["mathtune"], speedups_flags: Flags = Flags(),
 ) -> Iterator[tuple[int, str, int]]:
     """Greedy generations as (prompt index, text, generated token count), in the order they finish.
 
     The text is what one-at-a-time `generate(do_sample=False)` gives, ended and cut by stop_rule; the
     prompts' common prefix (the few-shot examples) is computed once and rows are batched continuously
     (mathtune.generation). batch_size: rows decoded at once, None to choose from the model and memory.
+    speedups_flags: the config's `speedups` (its onednn_attention flag picks decoding's attention kernel).
     """
     if not prompts:  # nothing to do: the model is not touched (it may not even be loaded)
         return
@@ -84,6 +86,7 @@ def generate_answers(
         for index, ids in greedy_decode(
             model, token_lists, max_new_tokens=max_new_tokens, stop_ids=stop_token_ids(model, tokenizer),
             finished=done, triggers=trigger_ids(tokenizer, stop_rule.trigger_chars), slots=batch_size,
+            attention=decoding_attention(model, speedups_flags),
         ):
             bar.update()
             yield index, stop_rule.cut(tokenizer.decode(ids, skip_special_tokens=True)), len(ids)
@@ -193,6 +196,7 @@ def evaluate_problems(
     fewshot_examples: list[dict] | dict[str, list[dict]] | None, model_label: str, adapter: str | None = None,
     split: str = "test", max_new_tokens: int = 256, batch_size: int | None = None, progress: bool = True,
     load: Callable[[], tuple] | None = None, protocol: str = "mathtune", backend: str = "mathtune",
+    speedups_flags: Flags = Flags(),
 ) -> dict:
     """Generate for every problem not yet in out_dir/predictions.jsonl, then write and return scores.json.
 
@@ -200,6 +204,7 @@ def evaluate_problems(
     (a dict by problem id, as harness_fewshot_examples gives). protocol (`mathtune`, `lm-eval`) picks
     the stop rule (mathtune.stopping.STOP_RULES) and the scoring (score_record). backend: `mathtune`
     (mathtune.generation) or `vllm` (model is then a vLLM engine and tokenizer is not used).
+    speedups_flags: the config's `speedups`, passed to generate_answers.
     Records are appended and flushed as problems finish, so an interrupted evaluation resumes
     where it stopped; a directory that holds another model's, protocol's or problem set's predictions
     is refused. With load, the model and tokenizer come from load() (model and tokenizer given as
@@ -240,7 +245,7 @@ def evaluate_problems(
         answers = vllm_answers(model, prompts, max_new_tokens, progress, STOP_RULES[protocol])
     else:
         answers = generate_answers(model, tokenizer, prompts, max_new_tokens, batch_size, progress,
-                                   STOP_RULES[protocol])
+                                   STOP_RULES[protocol], speedups_flags)
     for index, text, n_tokens in answers:
         now = time.perf_counter()
         record = score_record(todo[index], text, n_tokens, protocol) | {"time_s": round(now - last, 4)}

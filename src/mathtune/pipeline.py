@@ -73,7 +73,7 @@ def run_evaluation(
             None, None, problems, out_dir, fewshot_examples=examples, model_label=model_name,
             adapter=str(adapter) if adapter else None, split=split,
             max_new_tokens=config.eval.max_new_tokens, batch_size=config.eval.batch_size, load=load,
-            protocol=config.eval.protocol, backend=config.eval.backend,
+            protocol=config.eval.protocol, backend=config.eval.backend, speedups_flags=config.speedups,
         )
     strict = scores["strict"]
     print(f"  exact match (strict): {strict['correct']}/{strict['total']} = {strict['value']:.1%} "

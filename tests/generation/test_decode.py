@@ -13,10 +13,13 @@ from transformers import (
     Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM,
 )
 
+from mathtune import speedups
 from mathtune.generation import decode, greedy_decode
 from mathtune.generation.decode import (
     choose_slots, common_prefix_length, compaction, merge_bands, runs, split_bands,
 )
+from mathtune.generation.shared_prefix import SlotKV
+from mathtune.speedups import onednn_attention
 
 EOS = 1
 WINDOW = 8
@@ -72,9 +75,9 @@ def count_bands(monkeypatch) -> list[int]:
     seen_bands = []
     forward = decode._forward
 
-    def spy(model, kv, first, start, inputs, head=None, bands=None):
+    def spy(model, kv, first, start, inputs, head=None, bands=None, attention=None):
         seen_bands.append(len(bands or [1]))
-        return forward(model, kv, first, start, inputs, head, bands)
+        return forward(model, kv, first, start, inputs, head, bands, attention)
 
     monkeypatch.setattr(decode, "_forward", spy)
     return seen_bands
@@ -117,11 +120,11 @@ def test_a_finished_row_hands_its_slot_to_a_waiting_prompt(monkeypatch):
     widths, joined = [], []
     forward = decode._forward
 
-    def spy(model, kv, first, start, inputs, head=None, bands=None):
+    def spy(model, kv, first, start, inputs, head=None, bands=None, attention=None):
         widths.append(first + len(inputs))
         if len(kv.layers[0].k) == 3 and not any(start):
             joined.append(first)  # a prefill into slots after `first` live rows
-        return forward(model, kv, first, start, inputs, head, bands)
+        return forward(model, kv, first, start, inputs, head, bands, attention)
 
     monkeypatch.setattr(decode, "_forward", spy)
     list(greedy_decode(model, prompts(9, 30), max_new_tokens=20, stop_ids={EOS}, finished=stops_at_multiple_of_7,
@@ -267,3 +270,60 @@ def test_compaction_keeps_bands_contiguous_and_in_order():
         assert new_labels == sorted(new_labels)  # each band one run, bands in their old order
         first_stop = min(stopped, default=len(labels))
         assert all(source == target for target, source in enumerate(order) if target < first_stop)
+
+
+
+def float64_attention(query, key, value, mask, scale):
+    """The attention kernels' contract (output, log-sum-exp) computed in float64: the reference."""
+    scores = query.double() @ key.double().transpose(-1, -2) * scale
+    if mask is not None:
+        scores = scores + mask.double()
+    lse = scores.logsumexp(-1)
+    return ((scores - lse[..., None]).exp().nan_to_num(0.0) @ value.double()).float(), lse.float()
+
+
+def decoder_states(model, batch: list[list[int]], attention) -> list[torch.Tensor]:
+    """The decoder's output of every call of one teacher-forced decode: the shared prefix, the prompts'
+    prefill, then three decoding steps with fixed inputs, the rows in two bands."""
+    states = []
+    hook = model.get_decoder().register_forward_hook(lambda m, i, out: states.append(out.last_hidden_state.float()))
+    prefix_len = common_prefix_length(batch)
+    own = [ids[prefix_len:] for ids in batch]
+    config, dtype = model.config, model.dtype
+    try:
+        with torch.inference_mode(), decode.shared_prefix_attention(model):
+            prefix = SlotKV.empty(config, 1, prefix_len, dtype, model.device)
+            decode._forward(model, prefix, 0, [0], [batch[0][:prefix_len]], attention=attention)
+            kv = SlotKV.empty(config, len(own), max(map(len, own)) + 3, dtype, model.device, prefix=prefix,
+                              prefix_len=prefix_len)
+            decode._forward(model, kv, 0, [0] * len(own), own, attention=attention)
+            for t in range(3):
+                decode._forward(model, kv, 0, [len(ids) + t for ids in own], [[5 + t]] * len(own),
+                                bands=[4, len(own) - 4], attention=attention)
+    finally:
+        hook.remove()
+    return states
+
+
+@pytest.mark.skipif(not onednn_attention.available(), reason="oneDNN not loadable here")
+def test_bfloat16_decoding_with_onednn_attention_follows_the_float64_attention():
+    """The kernel speedups.decoding_attention picks for bfloat16 on CPUs, in the decoding loop (prefix
+    past the window, sliding and full layers, grouped queries, prefill, bands), against the same loop
+    with float64 attention: the decoder's outputs differ by bfloat16 rounding only, no more than with
+    torch's flash kernel; attention that ignored the masks would be off by far more."""
+    model = gemma().to(torch.bfloat16)
+    attention = speedups.decoding_attention(model)
+    assert attention is onednn_attention.attention
+    batch = prompts(9, 30)
+    expected = decoder_states(model, batch, float64_attention)
+
+    def gap(states):
+        return max((got - want).abs().max().item() for got, want in zip(states, expected))
+
+    def unmasked(query, key, value, mask, scale):
+        return float64_attention(query, key, value, None, scale)
+
+    ours, flash, wrong = gap(decoder_states(model, batch, attention)), gap(decoder_states(model, batch, None)), \
+        gap(decoder_states(model, batch, unmasked))
+    print(f"largest difference from float64 attention: oneDNN {ours:.3g}, flash {flash:.3g}, no masks {wrong:.3g}")
+    assert ours <= flash < wrong / 10

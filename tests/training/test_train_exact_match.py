@@ -27,10 +27,10 @@ def test_exact_match_is_logged_at_every_nth_evaluation_with_the_kv_cache(tmp_pat
     decoding, modes = [], []
     forward = decode._forward
 
-    def spy(model, kv, first, start, inputs, head=None, bands=None):
+    def spy(model, kv, first, start, inputs, head=None, bands=None, attention=None):
         # a decoding step feeds each row its last token alone: the rest is in the cache
         decoding.append((model.training, all(len(ids) == 1 for ids in inputs) and any(start)))
-        return forward(model, kv, first, start, inputs, head, bands)
+        return forward(model, kv, first, start, inputs, head, bands, attention)
 
     class TrainingMode(TrainerCallback):
         def on_step_begin(self, args, state, control, model=None, **kwargs):

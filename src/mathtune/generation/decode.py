@@ -165,14 +165,15 @@ def shared_prefix_attention(model):
 
 @torch.inference_mode()
 def _forward(model, kv: SlotKV, first: int, start: list[int], inputs: list[list[int]], head=None,
-             bands: list[int] | None = None) -> list[int]:
+             bands: list[int] | None = None, attention: Callable | None = None) -> list[int]:
     """Runs slots first..first+len(inputs)-1 on their new tokens, after the `start` tokens each already
     holds; returns each row's next token (head: a GreedyHead over the model's head weight, None to
-    call the model's own head; bands: the rows' band sizes, None for one band)."""
+    call the model's own head; bands: the rows' band sizes, None for one band; attention: the
+    attention kernel, None for torch's)."""
     device = kv.layers[0].k.device
     length = max(len(ids) for ids in inputs)
     ids = torch.tensor([ids + [0] * (length - len(ids)) for ids in inputs], device=device)
-    step = Step(kv, first, start, length, bands)
+    step = Step(kv, first, start, length, bands, attention)
     hidden = model.get_decoder()(
         input_ids=ids, position_ids=step.positions(), use_cache=False, mathtune_step=step,
     ).last_hidden_state
@@ -191,12 +192,14 @@ def _forward(model, kv: SlotKV, first: int, start: list[int], inputs: list[list[
 def greedy_decode(
     model, token_lists: list[list[int]], *, max_new_tokens: int, stop_ids: set[int],
     finished: Callable[[list[int]], bool], triggers: set[int] | None = None, slots: int | None = None,
+    attention: Callable | None = None,
 ) -> Iterator[tuple[int, list[int]]]:
     """Yields (prompt index, generated ids) for every prompt, in the order rows stop.
 
     The ids are what one-at-a-time greedy `generate` produces, up to the stop (in float32 exactly;
     in bfloat16 a batch's different shapes can round a near-tie the other way). triggers: the ids after
-    which `finished` is checked (None: after every token).
+    which `finished` is checked (None: after every token). attention: an attention kernel with torch's
+    CPU flash kernel's contract (mathtune.speedups.decoding_attention), None for torch's own.
     """
     if not token_lists:
         return
@@ -218,7 +221,7 @@ def greedy_decode(
         prefix = None
         if prefix_len:
             prefix = SlotKV.empty(config, 1, prefix_len, dtype, device)
-            _forward(model, prefix, 0, [0], [token_lists[0][:prefix_len]])
+            _forward(model, prefix, 0, [0], [token_lists[0][:prefix_len]], attention=attention)
         kv = SlotKV.empty(config, slots, capacity, dtype, device, prefix=prefix, prefix_len=prefix_len)
         del prefix
         live: list[Row] = []
@@ -228,7 +231,8 @@ def greedy_decode(
                 tokens = []
                 for group in _prefill_groups(joining):
                     first = len(live) + len(tokens)
-                    tokens += _forward(model, kv, first, [0] * len(group), [row.own for row in group], head)
+                    tokens += _forward(model, kv, first, [0] * len(group), [row.own for row in group], head,
+                                       attention=attention)
                 rows, first = joining, len(live)
                 _label_bands(joining, max((row.band for row in live), default=-1) + 1, overhead)
                 live = _merge(live + joining, overhead)
@@ -236,7 +240,7 @@ def greedy_decode(
                 rows, first = live, 0
                 inputs = [row.generated[-1:] for row in live]
                 bands = runs([row.band for row in live])
-                tokens = _forward(model, kv, 0, [row.cached for row in live], inputs, head, bands)
+                tokens = _forward(model, kv, 0, [row.cached for row in live], inputs, head, bands, attention)
             done = []
             for position, (row, token) in enumerate(zip(rows, tokens), start=first):
                 row.generated.append(token)

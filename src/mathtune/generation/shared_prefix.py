@@ -19,6 +19,7 @@ layers run unchanged; only the attention function is ours, registered through tr
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -112,6 +113,7 @@ class Step:
     start: list[int]  # each row's own tokens already in the cache
     length: int  # L
     bands: list[int] | None = None
+    attend: Callable | None = None  # the attention kernel (see _attend); None: torch's
     calls: int = 0  # layers that ran through this attention (a check that the model uses it)
     starts: torch.Tensor = field(init=False)  # start, on the cache's device
     spans: list[tuple[int, int, int]] = field(init=False)  # each band's first row, rows, keys read (max start + L)
@@ -172,10 +174,14 @@ def _additive(seen: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.zeros(seen.shape, dtype=dtype, device=seen.device).masked_fill_(~seen, float("-inf"))
 
 
-def _attend(query, key, value, mask, scale, softcap=None):
+def _attend(query, key, value, mask, scale, softcap=None, kernel=None):
     """Attention output and each query's log-sum-exp of scores (the softmax's normaliser), so that two
-    halves of one softmax can be joined. On a CPU, torch's fused flash kernel, which returns both;
-    elsewhere, or with soft-capped scores (Gemma 2), the same from plain products."""
+    halves of one softmax can be joined. kernel: a function with torch's CPU flash kernel's contract
+    (mathtune.speedups.decoding_attention), used where the scores are not soft-capped; otherwise on
+    a CPU torch's fused flash kernel, which returns both; elsewhere, or with soft-capped scores
+    (Gemma 2), the same from plain products."""
+    if kernel is not None and softcap is None:
+        return kernel(query, key, value, mask, scale)
     if query.device.type == "cpu" and softcap is None:
         return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(query, key, value, attn_mask=mask, scale=scale)
     scores = (query @ key.transpose(-1, -2)).float() * scale
@@ -214,7 +220,7 @@ def shared_prefix_attention(module, query, key, value, attention_mask=None, scal
     for band, (offset, count, width) in enumerate(step.spans):
         band_rows = slice(step.first + offset, step.first + offset + count)
         out, lse = _attend(q[offset : offset + count], layer.k[band_rows, :, :width], layer.v[band_rows, :, :width],
-                           step.own_mask(layer, band, groups, query.dtype), scale, softcap)
+                           step.own_mask(layer, band, groups, query.dtype), scale, softcap, step.attend)
         outs.append(out)
         lses.append(lse)
     out, lse = (outs[0], lses[0]) if len(outs) == 1 else (torch.cat(outs), torch.cat(lses))
@@ -222,15 +228,16 @@ def shared_prefix_attention(module, query, key, value, attention_mask=None, scal
     if prefix_len:
         prefix_mask, blind = step.prefix_mask(layer, groups, query.dtype)
         q_all = q.transpose(0, 1).reshape(1, kv_heads, batch * groups * length, dim)  # all rows share these keys
-        out_p, lse_p = _attend(q_all, layer.prefix_k[None], layer.prefix_v[None], prefix_mask, scale, softcap)
+        out_p, lse_p = _attend(q_all, layer.prefix_k[None], layer.prefix_v[None], prefix_mask, scale, softcap,
+                               step.attend)
         out_p = out_p.view(kv_heads, batch, groups * length, dim).transpose(0, 1)
         lse_p = lse_p.view(kv_heads, batch, groups * length).transpose(0, 1)
         if blind is not None:  # queries that see no prefix key: the kernel gives them 0, not -inf
             lse_p = lse_p.masked_fill(blind, float("-inf"))
         top = torch.maximum(lse, lse_p)
         w_own, w_prefix = (lse - top).exp()[..., None], (lse_p - top).exp()[..., None]
-        out = ((out.float() * w_own + out_p.float() * w_prefix) / (w_own + w_prefix)).to(query.dtype)
-    out = out.reshape(batch, heads, length, dim).transpose(1, 2)
+        out = (out.float() * w_own + out_p.float() * w_prefix) / (w_own + w_prefix)
+    out = out.to(query.dtype).reshape(batch, heads, length, dim).transpose(1, 2)
     return out, None
 
 

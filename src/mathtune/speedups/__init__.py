@@ -13,6 +13,9 @@ three functions below (as Liger-Kernel's `apply_liger_kernel_to_*` with a flag p
   or to measure it; a patch that finds nothing to do leaves the model as it was.
 - `for_generation(model, flags)`: the context in which a training model generates (exact match
   during training): on CPUs, LoRA merged into temporary weights (`merged_lora`).
+- `decoding_attention(model, flags)`: the attention kernel batched decoding runs (mathtune.generation):
+  on CPUs in bfloat16, oneDNN's products with float32 results (`onednn_attention`) where the library
+  is installed; None (torch's own kernel) otherwise.
 
 Where a patch runs is decided here too (`DEVICE_POLICY`): the CPU-only ones are those whose
 library counterparts are already fused kernels on GPUs.
@@ -31,8 +34,10 @@ if TYPE_CHECKING:  # torch loads with the first patch, not with the config that 
 # patches that run on CPUs only: on GPUs torch's dropout, PEFT's branch, the MLP and the norm are
 # already fused kernels, and the frozen weights are not memory-mapped files
 # merged_lora: on a GPU the merged copies would take as much memory as the targeted weights
-CPU_ONLY = ("uniform_dropout", "fused_lora", "gated_mlp", "compact_weights", "rms_norm", "merged_lora")
-GENERATION_ONLY = ("merged_lora",)  # flags read by for_generation, not patches that apply() makes
+# onednn_attention: on a GPU torch's attention kernels are already fast in 16 bits
+CPU_ONLY = ("uniform_dropout", "fused_lora", "gated_mlp", "compact_weights", "rms_norm", "merged_lora",
+            "onednn_attention")
+GENERATION_ONLY = ("merged_lora", "onednn_attention")  # flags read when generating, not patches that apply() makes
 
 
 @dataclass(frozen=True)
@@ -47,6 +52,7 @@ class Flags:
     compact_weights: bool = True  # frozen memory-mapped weights as int8 blocks
     rms_norm: bool = True  # Gemma's RMS norm keeping its output only
     merged_lora: bool = True  # generation during training from LoRA merged into temporary weights
+    onednn_attention: bool = True  # bfloat16 decoding's attention from oneDNN's float32-result products
 
 
 def apply_process_settings() -> None:
@@ -101,3 +107,18 @@ def for_generation(model: torch.nn.Module, flags: Flags = Flags()):
     if flags.merged_lora and causal_lm.device.type == "cpu":
         return merged_lora(model)
     return nullcontext()
+
+
+def decoding_attention(model: torch.nn.Module, flags: Flags = Flags()):
+    """The attention kernel for mathtune.generation's batched decoding of `model`: on a CPU in bfloat16,
+    with the onednn_attention flag and oneDNN installed (the `cpu` extra), mathtune.speedups.
+    onednn_attention.attention; otherwise None, torch's own kernel."""
+    import torch
+
+    from mathtune.speedups import onednn_attention
+
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if (flags.onednn_attention and causal_lm.device.type == "cpu" and causal_lm.dtype == torch.bfloat16
+            and onednn_attention.available()):
+        return onednn_attention.attention
+    return None

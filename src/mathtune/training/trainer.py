@@ -206,7 +206,7 @@ class MathTuneTrainer(SFTTrainer):
             answers = evaluation.generate_answers(
                 self.model, self.processing_class, [format_prompt(p["question"]) for p in mine],
                 self.eval_config.max_new_tokens, self.eval_config.batch_size, progress=False,
-                stop_rule=STOP_RULES[protocol],
+                stop_rule=STOP_RULES[protocol], speedups_flags=self.speedups_flags,
             )
             scored = [evaluation.score_record(mine[i], text, n_tokens, protocol) for i, text, n_tokens in answers]
         rows = [(r["correct_strict"], r["correct_flexible"]) for r in scored]
