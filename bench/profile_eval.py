@@ -281,34 +281,55 @@ def compare_bands(model, tokenizer, prompts: list[str], max_new_tokens: int, bat
 
 
 def step_profile(model, tokenizer, prompts: list[str], rows: int) -> None:
-    """One decoding step of `rows` rows, each 150 tokens past the prefix, split by operator kind."""
+    """One decoding step of `rows` rows, each 150 tokens past the prefix, split by operator kind. The
+    attention is decoding's (speedups.decoding_attention): the calls of its kernel count as attention,
+    with everything they run (oneDNN's products through ctypes are invisible to the profiler)."""
+    from torch.profiler import record_function
+
+    from mathtune.generation import shared_prefix
     from mathtune.generation.shared_prefix import SlotKV
+
+    kernel = speedups.decoding_attention(model)
+    attend = shared_prefix._attend
+
+    def marked_attend(*args):
+        with record_function("attention"):
+            return attend(*args)
 
     ids = tokenizer(prompts[:2])["input_ids"]
     prefix_len = decode.common_prefix_length(ids)
-    with torch.inference_mode(), decode.shared_prefix_attention(model):
-        prefix = SlotKV.empty(model.config, 1, prefix_len, model.dtype, model.device)
-        forward = decode._forward
-        forward(model, prefix, 0, [0], [ids[0][:prefix_len]])
-        kv = SlotKV.empty(model.config, rows, 400, model.dtype, model.device, prefix=prefix, prefix_len=prefix_len)
-        inputs = [[100]] * rows
-        head = decode.GreedyHead(model.get_output_embeddings().weight, rows)
-        forward(model, kv, 0, [150] * rows, inputs, head)
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
-            for _ in range(3):
-                forward(model, kv, 0, [150] * rows, inputs, head)
+    shared_prefix._attend = marked_attend
+    try:
+        with torch.inference_mode(), decode.shared_prefix_attention(model):
+            prefix = SlotKV.empty(model.config, 1, prefix_len, model.dtype, model.device)
+            forward = decode._forward
+            forward(model, prefix, 0, [0], [ids[0][:prefix_len]], attention=kernel)
+            kv = SlotKV.empty(model.config, rows, 400, model.dtype, model.device, prefix=prefix,
+                              prefix_len=prefix_len)
+            inputs = [[100]] * rows
+            head = decode.GreedyHead(model.get_output_embeddings().weight, rows)
+            forward(model, kv, 0, [150] * rows, inputs, head, attention=kernel)
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                for _ in range(3):
+                    forward(model, kv, 0, [150] * rows, inputs, head, attention=kernel)
+    finally:
+        shared_prefix._attend = attend
     kinds = collections.Counter()
-    for event in prof.key_averages():
-        name = event.key
-        kind = ("matrix products" if name in ("aten::mm", "aten::addmm", "aten::bmm", "mkldnn::_linear_pointwise")
-                else "attention kernels" if "scaled_dot_product" in name else "elementwise, copies and the rest")
+    for event in prof.events():
+        parent, in_attention = event, False
+        while parent is not None and not in_attention:
+            in_attention, parent = parent.name == "attention", parent.cpu_parent
+        name = event.name
+        kind = ("attention" if in_attention
+                else "matrix products" if name in ("aten::mm", "aten::addmm", "aten::bmm", "mkldnn::_linear_pointwise")
+                else "elementwise, copies and the rest")
         kinds[kind] += event.self_cpu_time_total
     total = sum(kinds.values())
-    print(f"one decoding step, {rows} rows at 150 tokens past a {prefix_len}-token prefix: "
+    label = "from oneDNN" if kernel else "torch's kernel"
+    print(f"one decoding step, {rows} rows at 150 tokens past a {prefix_len}-token prefix, attention {label}: "
           f"{total / 3 / 1000:.1f} ms of operator time")
     for kind, micros in kinds.most_common():
         print(f"  {kind}: {micros / 3 / 1000:.1f} ms ({micros / total:.0%})")
-
 
 if __name__ == "__main__":
     main()
