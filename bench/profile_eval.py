@@ -19,7 +19,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from mathtune import data as data_module
 from mathtune import speedups
-from mathtune.speedups import onednn_attention  # noqa: F401 (speedups.onednn_attention below)
+from mathtune.speedups import onednn_attention
 from mathtune.config import load_config
 from mathtune.data import fewshot_prompt
 from mathtune.evaluate import choose_fewshot_examples, generate_answers
@@ -190,7 +190,7 @@ def compare_attention(model, tokenizer, prompts: list[str], max_new_tokens: int,
     flash kernel: whole decodes alternating oneDNN, flash, oneDNN."""
     if speedups.decoding_attention(model) is None:
         raise SystemExit(f"oneDNN attention does not run here ({model.dtype}; "
-                         f"{speedups.onednn_attention.why_unavailable() or 'see speedups.decoding_attention'})")
+                         f"{onednn_attention.why_unavailable() or 'see speedups.decoding_attention'})")
     ways = {"oneDNN": lambda: speedups.Flags(), "flash": lambda: speedups.Flags(onednn_attention=False)}
     alternate_decodes(model, tokenizer, prompts, max_new_tokens, batch_size, ways, ("oneDNN", "flash", "oneDNN"))
 
@@ -330,6 +330,7 @@ def step_profile(model, tokenizer, prompts: list[str], rows: int) -> None:
           f"{total / 3 / 1000:.1f} ms of operator time")
     for kind, micros in kinds.most_common():
         print(f"  {kind}: {micros / 3 / 1000:.1f} ms ({micros / total:.0%})")
+
 
 if __name__ == "__main__":
     main()

@@ -98,17 +98,22 @@ class _OneDNN:
             return self.primitives[key]
         lib = self.lib
         mds = [self._descriptor(a, _BF16), self._descriptor(b, _BF16), self._descriptor(out, _F32)]
-        pd, primitive = _P(), _P()
+        pd, primitive, memories = _P(), _P(), []
         try:
             self._check(lib.dnnl_matmul_primitive_desc_create(ctypes.byref(pd), self.engine, mds[0], mds[1], None,
                                                               mds[2], None), "matmul descriptor")
             self._check(lib.dnnl_primitive_create(ctypes.byref(primitive), pd), "matmul primitive")
-            memories = []
             for md in mds:
                 memory = _P()
                 self._check(lib.dnnl_memory_create(ctypes.byref(memory), md, self.engine, None), "memory")
                 memories.append(memory)
-        finally:
+        except RuntimeError:  # nothing half-built is kept
+            if primitive:
+                lib.dnnl_primitive_destroy(primitive)
+            for memory in memories:
+                lib.dnnl_memory_destroy(memory)
+            raise
+        finally:  # the primitive and the memories keep copies of these
             if pd:
                 lib.dnnl_primitive_desc_destroy(pd)
             for md in mds:
@@ -205,9 +210,11 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask:
     keys = key.shape[2]
     out = torch.empty(batch, heads, queries, dim, dtype=torch.float32)
     lse = torch.empty(batch, heads, queries, dtype=torch.float32)
-    per_query = heads * keys * 4
-    rows = max(1, min(batch, SCORES_BYTES // max(per_query * queries, 1)))
-    step = queries if rows > 1 or per_query * queries <= SCORES_BYTES else max(1, SCORES_BYTES // per_query)
+    per_query = heads * keys * 4  # bytes of float32 scores
+    if per_query * queries <= SCORES_BYTES:  # whole rows at a time
+        rows, step = max(1, min(batch, SCORES_BYTES // max(per_query * queries, 1))), queries
+    else:  # one row at a time, its queries in chunks
+        rows, step = 1, max(1, SCORES_BYTES // per_query)
     key_t = key.transpose(-1, -2)
     for b0 in range(0, batch, rows):
         b1 = min(batch, b0 + rows)
